@@ -1,0 +1,32 @@
+"""galore-mini: train large language models in less memory by keeping optimizer state small.
+
+Optimizers (ordinary ``torch.optim.Optimizer`` classes)::
+
+    GaLoreAdamW, GaLoreAdafactor, GaLoreAdamW8bit   # GaLore (low-rank projected gradients)
+    AdamMini                                        # Adam with block-shared second moments
+    GaLoreMini                                      # both at once
+
+and the helpers that build their param groups from a model::
+
+    import galore_mini as gm
+    opt = gm.create_optimizer(model, "galore_mini", lr=1e-2, rank=128)
+"""
+
+from galore_mini.errors import UsageError
+from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
+from galore_mini.optim.groups import METHODS, ParamGroups, create_optimizer, param_groups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamMini",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "GaLoreMini",
+    "METHODS",
+    "ParamGroups",
+    "UsageError",
+    "create_optimizer",
+    "param_groups",
+]

@@ -1,0 +1,43 @@
+"""`galore-mini` command line: pretrain, compare, memory.
+
+Each subcommand lives beside the code it drives and registers itself with
+`register(subparsers)`; bad input surfaces as one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from galore_mini.errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="galore-mini",
+        description="Memory-efficient LLM training with GaLore, Adam-mini and GaLore-mini.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from galore_mini.train import memory, pretrain_cli
+
+    pretrain_cli.register(sub)
+    memory.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UsageError as exc:
+        print(f"galore-mini {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"galore-mini {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

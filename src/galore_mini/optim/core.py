@@ -1,0 +1,553 @@
+"""The one core every optimizer here is built from.
+
+A step on one parameter is a composition of small parts, each a function of
+tensors held in that parameter's state:
+
+* a **projector** (identity, or GaLore's low-rank subspace, refreshed on a
+  schedule that may adapt) — :meth:`ParamStep.project` / :meth:`ParamStep.back`;
+* a **first-moment rule** (EMA of what it is fed) — :meth:`ParamStep.ema`;
+* a **second-moment rule**: elementwise EMA of squares, a per-block mean of
+  squares (Adam-mini), or Adafactor's factored rows/columns —
+  :meth:`ParamStep.ema_sq`, :meth:`ParamStep.block_ema_sq`;
+* and the choice of what `v` is fed from and in which space the division
+  happens, which each public optimizer states in its short ``_update``.
+
+`ComposedOptimizer` is an ordinary ``torch.optim.Optimizer``: param groups,
+``state_dict()``/``load_state_dict()``, LR schedulers, ``zero_grad``, closures.
+Its state is tensors only (the projector is a tensor, the refresh schedule is a
+small int64 tensor), so ``torch.load(weights_only=True)`` works and resume is
+exact. Moments are fp32 whatever the parameter dtype unless a group sets
+``state_dtype``; bf16/fp16 parameters are updated through an fp32 copy.
+
+Non-finite gradients follow the ``nonfinite`` option: ``"skip"`` (default)
+leaves that parameter and its state untouched for the step and counts it in
+``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Callable
+
+import torch
+
+from galore_mini.errors import UsageError
+from galore_mini.optim import quant
+from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
+from galore_mini.optim.projection import (
+    PROJ_METHODS,
+    PROJ_TYPES,
+    basis_change,
+    compute_projector,
+    low_rank_shape,
+    project,
+    project_back,
+    projector_shapes,
+    resolve_side,
+    subspace_overlap,
+)
+
+MOMENT_POLICIES = ("keep", "project", "reset")
+NONFINITE_POLICIES = ("skip", "raise")
+
+# Options a group may carry when it has `rank`; filled in when missing.
+PROJECTION_DEFAULTS: dict[str, Any] = dict(
+    update_proj_gap=200,
+    scale=0.25,
+    proj_type="std",
+    proj_method="svd",
+    moment_policy="keep",
+    adaptive_gap=False,
+    gap_threshold=0.4,
+    gap_growth=2,
+    gap_window=5,
+    max_gap=None,
+    proj_dtype=None,
+)
+# Keys torch or its schedulers put in groups, and descriptive keys of ours.
+PASSIVE_KEYS = {"params", "name", "param_names", "initial_lr"}
+# State that lives on the CPU whatever the parameter's device: read every step, so no device sync.
+HOST_STATE = ("step", "refresh", "similarity")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(value, name: str) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        return value
+    if value in _DTYPES:
+        return _DTYPES[value]
+    raise UsageError(f"{name}={value!r}: use one of {sorted(set(_DTYPES))}")
+
+
+def _dtype_name(value) -> str | None:
+    """Group values stay plain strings so `state_dict()` holds no torch objects."""
+    if value is None or isinstance(value, str):
+        return value
+    return str(value).replace("torch.", "")
+
+
+class ParamStep:
+    """One parameter's step: the parts an optimizer's ``_update`` composes.
+
+    Attributes: ``grad`` (fp32), ``state``, ``group``, ``t`` (1-based step),
+    ``side`` (``None`` when not projected), ``layout`` (the block layout of the
+    full-size parameter).
+    """
+
+    def __init__(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, t: int,
+                 side: str | None, layout: BlockLayout | None):
+        self.param, self.grad, self.state, self.group, self.t = param, grad, state, group, t
+        self.side, self.layout = side, layout
+
+    @property
+    def projected(self) -> bool:
+        return self.side is not None
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        return project(g, self.state, self.side) if self.projected else g
+
+    def back(self, low: torch.Tensor) -> torch.Tensor:
+        if not self.projected:
+            return low
+        return project_back(low, self.state, self.side, self.group["scale"])
+
+    def bias_corrections(self, beta1: float, beta2: float) -> tuple[float, float]:
+        if not self.group.get("correct_bias", True):
+            return 1.0, 1.0
+        return 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
+
+    # moments: read as fp32 (dequantised if stored in 8 bits), updated, written back
+    def _read(self, key: str, shape, signed: bool) -> torch.Tensor:
+        buf = self.state[key]
+        if buf.dtype == torch.uint8:
+            return quant.dequantize(buf, self.state[key + "_absmax"], signed).view(shape)
+        return buf if buf.dtype == torch.float32 else buf.float()
+
+    def _write(self, key: str, value: torch.Tensor, signed: bool) -> None:
+        buf = self.state[key]
+        if buf.dtype == torch.uint8:
+            quant.quantize(value, signed, out=(buf, self.state[key + "_absmax"]))
+        elif buf is not value:
+            buf.copy_(value)
+
+    def ema(self, key: str, x: torch.Tensor, beta: float) -> torch.Tensor:
+        """``m ← β m + (1-β) x`` (the first-moment rule); returns ``m``."""
+        m = self._read(key, x.shape, signed=True)
+        m.mul_(beta).add_(x, alpha=1.0 - beta)
+        self._write(key, m, signed=True)
+        return m
+
+    def ema_sq(self, key: str, x: torch.Tensor, beta: float) -> torch.Tensor:
+        """Elementwise ``v ← β v + (1-β) x²``; returns ``v``."""
+        v = self._read(key, x.shape, signed=False)
+        v.mul_(beta).addcmul_(x, x, value=1.0 - beta)
+        self._write(key, v, signed=False)
+        return v
+
+    def block_ema_sq(self, key: str, x: torch.Tensor, beta: float, layout: BlockLayout) -> torch.Tensor:
+        """Per-block ``v_b ← β v_b + (1-β) mean_{i∈b} x_i²``; returns ``v`` shape ``(n_blocks,)``."""
+        v = self._read(key, (layout.n_blocks,), signed=False)
+        v.mul_(beta).add_(layout.block_mean(x * x), alpha=1.0 - beta)
+        self._write(key, v, signed=False)
+        return v
+
+
+class ComposedOptimizer(torch.optim.Optimizer):
+    """Base class: validation, state allocation, projector refresh, step loop, exact resume.
+
+    Subclasses set ``defaults`` and implement ``_update(ps) -> (direction, step_size)``
+    (the parameter moves by ``-step_size * direction``) and ``_state_layout``.
+    """
+
+    #: weight decay applied before the update (AdamW/Adam-mini) or after it (galore-torch)
+    decay_after_update = False
+    #: whether a group may carry `block`
+    uses_blocks = False
+
+    def __init__(self, params, defaults: dict[str, Any], projection_defaults: dict[str, Any] | None = None):
+        self._check_scalar("lr", defaults.get("lr"), allow_none=True)
+        projection_defaults = dict(projection_defaults or {})
+        unknown = sorted(set(projection_defaults) - set(PROJECTION_DEFAULTS))
+        if unknown:
+            raise UsageError(f"{type(self).__name__}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                             f"projection options are {', '.join(PROJECTION_DEFAULTS)}")
+        # constructor-level projection options (e.g. proj_method="power") apply to every group with a rank
+        self._projection_defaults = projection_defaults
+        self.nonfinite_skips = 0
+        self._param_index: dict[int, int] = {}
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or of dicts (param groups), not a single tensor")
+        super().__init__(params, defaults)
+
+    # -- validation --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_scalar(name: str, value, *, allow_none: bool = False, low: float = 0.0) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, torch.Tensor):
+            value = float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < low:
+            raise UsageError(f"{name}={value!r} is invalid: it must be a finite number >= {low}")
+
+    def _allowed_keys(self) -> set[str]:
+        keys = set(self.defaults) | PASSIVE_KEYS | {"rank"} | set(PROJECTION_DEFAULTS)
+        if self.uses_blocks:
+            keys.add("block")
+        return keys
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        allowed = self._allowed_keys()
+        unknown = [key for key in param_group if key not in allowed]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise UsageError(
+                f"{type(self).__name__}: unknown param-group option(s) {', '.join(hints)}; "
+                f"known options: {', '.join(sorted(allowed - PASSIVE_KEYS))}"
+            )
+        group = dict(param_group)
+        if group.get("rank") is None:
+            group.pop("rank", None)
+        else:
+            group = {**self._projection_defaults, **group}
+            for key, value in PROJECTION_DEFAULTS.items():
+                group.setdefault(key, value)
+        if "proj_dtype" in group:
+            group["proj_dtype"] = _dtype_name(group["proj_dtype"])
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            self._param_index.setdefault(id(p), len(self._param_index))
+        self._validate_group(group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self._check_scalar("lr", group["lr"], allow_none=True)
+        if "weight_decay" in group:
+            self._check_scalar("weight_decay", group["weight_decay"])
+        eps = group.get("eps")
+        if isinstance(eps, (int, float)):
+            self._check_scalar("eps", eps)
+        betas = group.get("betas")
+        if betas is not None:
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise UsageError(f"betas={betas!r} must be a pair (beta1, beta2)")
+            for i, beta in enumerate(betas):
+                if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                    raise UsageError(f"betas[{i}]={beta!r} must be in [0, 1)")
+        if group.get("nonfinite", "skip") not in NONFINITE_POLICIES:
+            raise UsageError(f"nonfinite={group['nonfinite']!r}: use 'skip' or 'raise'")
+        if "state_dtype" in group:
+            _dtype(group["state_dtype"], "state_dtype")
+        for p in group["params"]:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__}")
+            if p.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (shape {list(p.shape)})")
+        if "rank" in group:
+            self._validate_projection(group)
+        if self.uses_blocks and "block" in group:
+            for p in group["params"]:
+                parse_block(group["block"], p.shape)
+
+    def _validate_projection(self, group: dict[str, Any]) -> None:
+        rank = group["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise UsageError(f"rank={rank!r} must be a positive integer")
+        gap = group["update_proj_gap"]
+        if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+            raise UsageError(f"update_proj_gap={gap!r} must be an integer >= 1")
+        self._check_scalar("scale", group["scale"])
+        for key, allowed in (("proj_type", PROJ_TYPES), ("proj_method", PROJ_METHODS),
+                             ("moment_policy", MOMENT_POLICIES)):
+            if group[key] not in allowed:
+                raise UsageError(f"{key}={group[key]!r}: use one of {', '.join(allowed)}")
+        if group["adaptive_gap"]:
+            self._check_scalar("gap_threshold", group["gap_threshold"])
+            if not isinstance(group["gap_window"], int) or group["gap_window"] < 1:
+                raise UsageError(f"gap_window={group['gap_window']!r} must be an integer >= 1")
+            self._check_scalar("gap_growth", group["gap_growth"], low=1.0)
+            if group["max_gap"] is not None and (not isinstance(group["max_gap"], int) or group["max_gap"] < gap):
+                raise UsageError(f"max_gap={group['max_gap']!r} must be an integer >= update_proj_gap ({gap})")
+        _dtype(group["proj_dtype"], "proj_dtype")
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise UsageError(
+                    f"a parameter of shape {list(p.shape)} is in a group with rank={rank}, but only 2-D weights can be "
+                    "projected; put 1-D parameters (biases, norms) and embeddings in a group without `rank` "
+                    "(galore_mini.param_groups does this for you)"
+                )
+            if rank >= min(p.shape):
+                raise UsageError(
+                    f"rank={rank} must be below min(rows, cols)={min(p.shape)} for a weight of shape {list(p.shape)}: "
+                    "at that rank projection saves nothing; use a smaller rank or leave this weight out of the "
+                    "projected group (galore_mini.param_groups does this and logs it)"
+                )
+
+    # -- state layout ------------------------------------------------------------------------
+
+    def _block_layout(self, shape, group) -> BlockLayout:
+        return parse_block(group.get("block") or default_block(shape), shape)
+
+    def _projection_layout(self, shape, group) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        side = resolve_side(group["proj_type"], shape)
+        proj_dtype = _dtype(group["proj_dtype"], "proj_dtype")
+        layout = {key: (dims, proj_dtype) for key, dims in projector_shapes(shape, group["rank"], side).items()}
+        layout["refresh"] = ((3,), torch.int64)
+        if group["adaptive_gap"]:
+            layout["similarity"] = ((group["gap_window"],), torch.float32)
+        return layout
+
+    def _moment(self, key: str, shape, group, bits: int = 32) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        numel = math.prod(shape)
+        if bits == 8 and numel >= group.get("min_8bit_size", 4096):
+            return {key: ((numel,), torch.uint8), key + "_absmax": ((quant.n_blocks(numel),), torch.float32)}
+        return {key: (tuple(shape), _dtype(group.get("state_dtype"), "state_dtype"))}
+
+    def state_layout(self, shape, group) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every state tensor a parameter of `shape` in `group` holds: ``{key: (shape, dtype)}``."""
+        layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"step": ((), torch.float32)}
+        work_shape = tuple(shape)
+        if "rank" in group:
+            layout.update(self._projection_layout(shape, group))
+            work_shape = low_rank_shape(shape, group["rank"], resolve_side(group["proj_type"], shape))
+        layout.update(self._state_layout(tuple(shape), work_shape, group))
+        return layout
+
+    def _state_layout(self, shape, work_shape, group) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group, state: dict) -> None:
+        for key, (dims, dtype) in self.state_layout(p.shape, group).items():
+            device = "cpu" if key in HOST_STATE else p.device
+            if dtype == torch.uint8:
+                signed = not key.startswith("exp_avg_sq")
+                state[key] = torch.full(dims, quant.zero_code(signed), dtype=dtype, device=device)
+            else:
+                state[key] = torch.zeros(dims, dtype=dtype, device=device)
+        if "refresh" in state:
+            state["refresh"].copy_(torch.tensor([1, group["update_proj_gap"], 0]))
+
+    # -- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One update of every parameter that has a gradient. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group, params: list[torch.Tensor]) -> None:
+        grads = [self._checked_grad(p) for p in params]
+        # one host sync for the whole group rather than one per parameter
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()
+        for p, g, ok in zip(params, grads, finite):
+            if not ok:
+                if group.get("nonfinite", "skip") == "raise":
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite gradient for a parameter of shape {list(p.shape)}; "
+                        "set nonfinite='skip' to skip such updates"
+                    )
+                self.nonfinite_skips += 1
+                continue
+            self._step_param(p, g, group)
+
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update one parameter now (used by layer-wise updates inside backward)."""
+        group = self._group_of(p)
+        g = self._checked_grad(p)
+        if not bool(torch.isfinite(g).all()):
+            if group.get("nonfinite", "skip") == "raise":
+                raise FloatingPointError(f"non-finite gradient for a parameter of shape {list(p.shape)}")
+            self.nonfinite_skips += 1
+            return
+        with torch.no_grad():
+            self._step_param(p, g, group)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise UsageError("this parameter is not managed by the optimizer")
+
+    def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
+        grad = p.grad
+        if grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients (shape {list(p.shape)}); "
+                            "use dense embeddings (sparse=False)")
+        if grad.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex gradients (shape {list(p.shape)})")
+        return grad if grad.dtype == torch.float32 else grad.float()
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group) -> None:
+        state = self.state[p]
+        if not state:
+            self._init_state(p, group, state)
+        state["step"] += 1
+        t = int(state["step"])
+        side = None
+        if "rank" in group:
+            side = resolve_side(group["proj_type"], p.shape)
+            if t >= int(state["refresh"][0]):
+                self._refresh(p, grad, group, state, side, t)
+        layout = self._block_layout(p.shape, group) if self.uses_blocks else None
+        direction, step_size = self._update(ParamStep(p, grad, state, group, t, side, layout))
+        self._apply(p, direction, step_size, group)
+
+    def _update(self, ps: ParamStep) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def _decay_rate(self, group) -> float:
+        """How much weight decay removes this step (``lr·λ`` unless a subclass scales lr)."""
+        return group["lr"] * group.get("weight_decay", 0.0)
+
+    def _apply(self, p: torch.Tensor, direction: torch.Tensor, step_size: float, group) -> None:
+        decay = self._decay_rate(group)
+        target = p if p.dtype == torch.float32 else p.float()
+        if decay and not self.decay_after_update:
+            target.mul_(1.0 - decay)
+        target.add_(direction, alpha=-step_size)
+        if decay and self.decay_after_update:
+            target.add_(target, alpha=-decay)
+        if target is not p:
+            p.copy_(target)
+
+    # -- projector refresh -------------------------------------------------------------------
+
+    def _refresh(self, p, grad, group, state, side: str, t: int) -> None:
+        refresh = state["refresh"]
+        had_projector = t > 1
+        generator = None
+        if group["proj_method"] == "random":
+            generator = torch.Generator().manual_seed(1_000_003 * self._param_index.get(id(p), 0) + t)
+        new = compute_projector(grad, group["rank"], side, group["proj_method"], state if had_projector else {},
+                                generator, _dtype(group["proj_dtype"], "proj_dtype"))
+        if had_projector:
+            self._on_subspace_change(group, state, side, new)
+            if group["adaptive_gap"]:
+                self._adapt_gap(group, state, side, new)
+        for key, value in new.items():
+            state[key].copy_(value)
+        refresh[0] = t + int(refresh[1])
+
+    def _on_subspace_change(self, group, state, side: str, new: dict[str, torch.Tensor]) -> None:
+        policy = group["moment_policy"]
+        if policy == "keep":
+            return
+        low_rank_keys = self._low_rank_moment_keys(group)
+        if policy == "reset":
+            for key in low_rank_keys:
+                buf = state[key]
+                if buf.dtype == torch.uint8:
+                    buf.fill_(quant.zero_code(not key.startswith("exp_avg_sq")))
+                    state[key + "_absmax"].zero_()
+                else:
+                    buf.zero_()
+            return
+        # "project": carry the moments into the new basis
+        ps = ParamStep(None, None, state, group, 0, side, None)
+        for key in low_rank_keys:
+            signed = not key.startswith("exp_avg_sq")
+            current = ps._read(key, self._low_rank_shape_of(state, side), signed).clone()
+            ps._write(key, self._rotate(current, state, new, side, squared=not signed), signed)
+
+    @staticmethod
+    def _low_rank_shape_of(state, side: str) -> tuple[int, int]:
+        basis = state["projector"]
+        if side == "left":
+            return (basis.shape[1], -1)
+        if side == "right":
+            return (-1, basis.shape[0])
+        return (basis.shape[1], state["projector_right"].shape[0])
+
+    @staticmethod
+    def _rotate(moment: torch.Tensor, state, new, side: str, squared: bool) -> torch.Tensor:
+        """Express a low-rank moment in the new basis; squares use the squared map (approximate)."""
+        if side in ("left", "full"):
+            change = basis_change(new["projector"], state["projector"], "left")
+            moment = (change.pow(2) if squared else change) @ moment
+        if side in ("right", "full"):
+            key = "projector" if side == "right" else "projector_right"
+            change = basis_change(new[key], state[key], "right")
+            moment = moment @ (change.pow(2) if squared else change)
+        return moment
+
+    def _low_rank_moment_keys(self, group) -> list[str]:
+        """State keys of moments that live in the projected space (rotated/reset at refresh)."""
+        return ["exp_avg"]
+
+    def _adapt_gap(self, group, state, side: str, new) -> None:
+        """Q-GaLore's rule, guarded: grow the gap after `gap_window` similar refreshes, capped."""
+        overlap = subspace_overlap(new["projector"], state["projector"], "left" if side == "full" else side)
+        refresh, window = state["refresh"], state["similarity"]
+        held = int(refresh[2])
+        window[held % window.numel()] = overlap
+        held += 1
+        if held >= window.numel() and float(window.mean()) >= group["gap_threshold"]:
+            grown = int(math.ceil(int(refresh[1]) * group["gap_growth"]))
+            cap = group["max_gap"] if group["max_gap"] is not None else grown
+            refresh[1] = min(grown, cap)
+            window.zero_()
+            held = 0
+        refresh[2] = held
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint, keeping each state tensor's saved dtype (fp32 moments stay fp32 for bf16 params).
+
+        torch's default casts floating state to the parameter's dtype, which would round an fp32 projector
+        into bf16; here tensors only move to the parameter's device (bookkeeping stays on the CPU).
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise UsageError("not an optimizer checkpoint: expected a dict with 'state' and 'param_groups'")
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        for param_id, values in saved_state.items():
+            if param_id not in by_id:
+                raise UsageError(f"corrupt optimizer checkpoint: state for unknown parameter id {param_id!r}")
+            p = by_id[param_id]
+            expected = self.state_layout(p.shape, groups[id(p)])
+            restored = {}
+            for key, value in values.items():
+                if not isinstance(value, torch.Tensor):
+                    raise UsageError(f"corrupt optimizer checkpoint: state {key!r} is a {type(value).__name__}, "
+                                     "expected a tensor (was it saved by another optimizer?)")
+                if key not in expected:
+                    raise UsageError(f"optimizer checkpoint holds state {key!r} that {type(self).__name__} does not "
+                                     "use with these options; was it saved with different settings?")
+                dims, _ = expected[key]
+                if tuple(value.shape) != tuple(dims):
+                    raise UsageError(
+                        f"optimizer checkpoint state {key!r} has shape {list(value.shape)} but a parameter of shape "
+                        f"{list(p.shape)} with these options needs {list(dims)} (different rank or model?)"
+                    )
+                restored[key] = value.to("cpu" if key in HOST_STATE else p.device).clone()
+            self.state[p] = restored
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes held by all state tensors."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+

@@ -1,0 +1,178 @@
+"""GaLore optimizers: Adam, 8-bit Adam and Adafactor on low-rank projected gradients.
+
+Drop-in replacements for galore-torch 1.0's classes (same constructor
+arguments, same param-group keys ``rank``, ``update_proj_gap``, ``scale``,
+``proj_type``), with tensor-only state. Groups without ``rank`` get the plain
+optimizer (AdamW / Adafactor) on the full gradient.
+
+Algorithm (GaLore-AdamW, per projected weight W with gradient G, step t):
+the projector is recomputed from G when ``(t-1) mod T == 0``;
+``R = project(G)``; ``M ← β1 M + (1-β1) R``; ``V ← β2 V + (1-β2) R²``;
+``N = M / (√V + ε)``; ``W ← W - η·√(1-β2ᵗ)/(1-β1ᵗ) · α·back(N)``; then
+``W ← W - ηλW`` (decoupled decay after the update, as galore-torch does; ε sits
+outside the bias correction, Hugging Face AdamW style).
+
+Limits: only 2-D weights can be projected and ``rank`` must be below
+``min(rows, cols)``; the exact SVD refresh is slow on CPUs for big matrices
+(use ``proj_method="randomized"`` or ``"power"``).
+
+Example::
+
+    >>> import torch, galore_mini as gm
+    >>> w = torch.nn.Parameter(torch.randn(64, 32))
+    >>> b = torch.nn.Parameter(torch.zeros(64))
+    >>> opt = gm.GaLoreAdamW([{"params": [w], "rank": 8, "update_proj_gap": 50, "scale": 0.25},
+    ...                       {"params": [b]}], lr=1e-2)
+    >>> (w.sum() ** 2 + b.sum()).backward(); opt.step(); opt.zero_grad()
+    >>> tuple(opt.state[w]["exp_avg"].shape)   # m ≥ n: the right side is projected
+    (64, 8)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from galore_mini.errors import UsageError
+from galore_mini.optim.core import ComposedOptimizer, ParamStep
+
+
+class GaLoreAdamW(ComposedOptimizer):
+    """AdamW on GaLore-projected gradients (see module docstring).
+
+    Args: ``lr``, ``betas``, ``eps`` (added to √V before bias correction),
+    ``weight_decay`` (decoupled, applied after the update), ``correct_bias``,
+    ``nonfinite`` (``"skip"`` or ``"raise"``), ``state_dtype`` (moments' dtype,
+    fp32 by default). Per-group projection options: ``rank``,
+    ``update_proj_gap``, ``scale``, ``proj_type``, ``proj_method``,
+    ``moment_policy``, ``adaptive_gap`` (+ ``gap_threshold``, ``gap_growth``,
+    ``gap_window``, ``max_gap``), ``proj_dtype``.
+    """
+
+    decay_after_update = True
+    moment_bits = 32
+    _extra_defaults: dict = {}
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, *, nonfinite: str = "skip",
+                 state_dtype=None, **projection_defaults):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        correct_bias=correct_bias, nonfinite=nonfinite, state_dtype=state_dtype)
+        defaults.update(self._extra_defaults)
+        super().__init__(params, defaults, projection_defaults)
+
+    def _state_layout(self, shape, work_shape, group):
+        layout = self._moment("exp_avg", work_shape, group, self.moment_bits)
+        layout.update(self._moment("exp_avg_sq", work_shape, group, self.moment_bits))
+        return layout
+
+    def _low_rank_moment_keys(self, group):
+        return ["exp_avg", "exp_avg_sq"]
+
+    def _update(self, ps: ParamStep):
+        beta1, beta2 = ps.group["betas"]
+        low = ps.project(ps.grad)
+        m = ps.ema("exp_avg", low, beta1)
+        v = ps.ema_sq("exp_avg_sq", low, beta2)
+        normalized = m / v.sqrt().add_(ps.group["eps"])
+        bc1, bc2 = ps.bias_corrections(beta1, beta2)
+        return ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLoreAdamW with both moments stored block-wise in 8 bits (see :mod:`galore_mini.optim.quant`).
+
+    Moments of tensors smaller than ``min_8bit_size`` entries (default 4096, as
+    bitsandbytes) stay fp32. Runs on any device, CPU included, with no
+    per-parameter device synchronisation.
+    """
+
+    moment_bits = 8
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, *, min_8bit_size: int = 4096,
+                 nonfinite: str = "skip", **projection_defaults):
+        self._extra_defaults = {"min_8bit_size": min_8bit_size}
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, nonfinite=nonfinite,
+                         **projection_defaults)
+
+
+class GaLoreAdafactor(ComposedOptimizer):
+    """Adafactor on GaLore-projected gradients; arguments as Hugging Face's / galore-torch's Adafactor.
+
+    Per step: ``R = project(G)``; factored second moment of ``R² + ε₁`` (row and
+    column EMAs with ``β2ₜ = 1 - t^decay_rate``; unfactored for 1-D);
+    ``U = R / √V̂`` clipped to RMS ``clip_threshold``, times the step size
+    (``lr``, or the relative step ``min(1e-2, 1/√t)`` scaled by ``max(ε₂, RMS(W))``);
+    optional first moment on that scaled update (``beta1``); weight decay
+    ``W ← W - λ·lr_t·W``; ``W ← W - back(U)``.
+    """
+
+    def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, beta1=None, weight_decay: float = 0.0,
+                 scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,
+                 *, nonfinite: str = "skip", **projection_defaults):
+        if lr is not None and relative_step:
+            raise UsageError("lr and relative_step=True cannot be combined: pass relative_step=False with an lr")
+        if warmup_init and not relative_step:
+            raise UsageError("warmup_init=True requires relative_step=True")
+        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init, nonfinite=nonfinite)
+        super().__init__(params, defaults, projection_defaults)
+
+    def _state_layout(self, shape, work_shape, group):
+        layout = {}
+        if group["beta1"] is not None:
+            layout.update(self._moment("exp_avg", work_shape, group))
+        if len(work_shape) >= 2:
+            layout["exp_avg_sq_row"] = (tuple(work_shape[:-1]), torch.float32)
+            layout["exp_avg_sq_col"] = (tuple(work_shape[:-2]) + tuple(work_shape[-1:]), torch.float32)
+        else:
+            layout["exp_avg_sq"] = (tuple(work_shape), torch.float32)
+        return layout
+
+    def _low_rank_moment_keys(self, group):
+        return ["exp_avg"] if group["beta1"] is not None else []
+
+    def _step_size(self, group, t: int, param: torch.Tensor) -> float:
+        step = group["lr"]
+        if group["relative_step"]:
+            floor = 1e-6 * t if group["warmup_init"] else 1e-2
+            step = min(floor, 1.0 / math.sqrt(t))
+        if group["scale_parameter"]:
+            rms = float(param.float().norm(2) / math.sqrt(param.numel()))
+            step *= max(group["eps"][1], rms)
+        return step
+
+    def _decay_rate(self, group):
+        # Adafactor decays by its own step size, which `_update` has just computed for this parameter
+        return self._current_step_size * group["weight_decay"]
+
+    def _update(self, ps: ParamStep):
+        group, state = ps.group, ps.state
+        low = ps.project(ps.grad)
+        step_size = self._step_size(group, ps.t, ps.param)
+        self._current_step_size = step_size
+        beta2t = 1.0 - math.pow(ps.t, group["decay_rate"])
+        squared = low * low + group["eps"][0]
+        if low.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+            update = row_factor * col.unsqueeze(-2).rsqrt() * low
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = v.rsqrt() * low
+        rms = update.norm(2) / math.sqrt(update.numel())
+        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(step_size)
+        if group["beta1"] is not None:
+            update = ps.ema("exp_avg", update, group["beta1"])
+        return ps.back(update), 1.0
+
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]

@@ -1,0 +1,132 @@
+"""GaLore-mini: GaLore's low-rank first moment with Adam-mini's block second moment.
+
+For a projected weight W (m×n) with gradient G, rank r, scale α, block layout
+B (neuron-wise as in Adam-mini: per head for query/key, per output neuron
+otherwise), step t:
+
+**approach 3** (default, the paper's choice):
+
+1. ``v_b ← β2 v_b + (1-β2)·mean_{i∈b} G_i²`` from the *full* gradient; ``v̂ = v/(1-β2ᵗ)``.
+2. Refresh the projector on schedule (``(t-1) mod T == 0``, or the adaptive gap).
+3. ``R = project(G)``; ``M ← β1 M + (1-β1) R``; ``M̂ = M/(1-β1ᵗ)``.
+4. ``U = α·back(M̂)`` — a full-size temporary, never stored.
+5. ``W ← W - ηλW - η·U / (√v̂_b + ε)``, ``v̂_b`` broadcast over its block.
+
+**approach 1** (ablation): ``v`` is fed from ``R`` and lives in the low-rank
+space; ``N = M̂ / (√v̂ + ε)`` is formed there and back-projected. Blocks are
+counted on R: if the block axis survives the projection (right projection
+keeps rows, left keeps columns) the same blocks apply along it; if it is the
+projected axis, each of the r low-rank directions is one block.
+
+**approach 2** (ablation): ``v`` is fed from the full ``G`` (blocks as in
+approach 3) but applied to ``M̂`` in the low-rank space before
+back-projection. Blocks along a surviving axis apply directly; blocks along
+the projected axis collapse to the mean of their ``v̂``.
+
+Parameters in groups without ``rank`` (embeddings, output layer, norms,
+biases) get Adam-mini with their group's ``block``. State per projected weight:
+projector (m×r or r×n), ``M`` (low-rank), ``v`` (one scalar per block) — no
+m×n tensor. With ``moment_bits=8`` the first moment is stored in 8 bits.
+
+Example::
+
+    >>> import torch, galore_mini as gm
+    >>> w = torch.nn.Parameter(torch.randn(32, 64))
+    >>> opt = gm.GaLoreMini([{"params": [w], "rank": 8, "block": "rows"}], lr=1e-2)
+    >>> (w ** 2).sum().backward(); opt.step()
+    >>> sorted((k, tuple(v.shape)) for k, v in opt.state[w].items())[:3]
+    [('exp_avg', (8, 64)), ('exp_avg_sq', (32,)), ('projector', (32, 8))]
+"""
+
+from __future__ import annotations
+
+from galore_mini.errors import UsageError
+from galore_mini.optim.blocks import BlockLayout
+from galore_mini.optim.core import ComposedOptimizer, ParamStep
+from galore_mini.optim.projection import low_rank_shape, resolve_side
+
+APPROACHES = (1, 2, 3)
+
+
+def _surviving_axis(side: str) -> int | None:
+    """The axis of W left intact by the projection (None when both are projected)."""
+    return {"right": 0, "left": 1}.get(side)
+
+
+def low_rank_blocks(layout: BlockLayout, side: str, low_shape: tuple[int, int]) -> BlockLayout:
+    """Approach 1's blocks on the low-rank matrix R (see module docstring)."""
+    if layout.kind in ("elementwise", "tensor"):
+        return BlockLayout(layout.kind, low_shape)
+    if layout.axis == _surviving_axis(side):
+        return BlockLayout("axis", low_shape, layout.axis, layout.runs)
+    return BlockLayout("axis", low_shape, layout.axis, ((low_shape[layout.axis], 1),))
+
+
+class GaLoreMini(ComposedOptimizer):
+    """GaLore-mini (see module docstring).
+
+    Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
+    ``approach`` (3, or the ablations 1 and 2), ``moment_bits`` (32 or 8 for the
+    first moment), ``nonfinite``, ``state_dtype``, and the projection options
+    of :class:`~galore_mini.GaLoreAdamW` as defaults for groups with ``rank``.
+    Group keys: ``rank`` (+ projection options), ``block``.
+    """
+
+    uses_blocks = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
+                 nonfinite: str = "skip", state_dtype=None, min_8bit_size: int = 4096, **projection_defaults):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, approach=approach,
+                        moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
+                        min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults, projection_defaults)
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        if group["approach"] not in APPROACHES:
+            raise UsageError(f"approach={group['approach']!r}: use 3 (the paper's GaLore-mini), or 1 or 2 (ablations)")
+        if group["moment_bits"] not in (8, 32):
+            raise UsageError(f"moment_bits={group['moment_bits']!r}: use 32 or 8")
+        if "rank" in group and group.get("block") == "elementwise":
+            raise UsageError("block='elementwise' would store a full-size second moment for projected weights; "
+                             "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
+
+    def _v_layout(self, shape, group) -> BlockLayout:
+        layout = self._block_layout(shape, group)
+        if "rank" in group and group["approach"] == 1:
+            side = resolve_side(group["proj_type"], shape)
+            return low_rank_blocks(layout, side, low_rank_shape(shape, group["rank"], side))
+        return layout
+
+    def _state_layout(self, shape, work_shape, group):
+        layout = self._moment("exp_avg", work_shape, group, group["moment_bits"])
+        blocks = self._v_layout(shape, group)
+        v_shape = tuple(shape) if blocks.kind == "elementwise" else (blocks.n_blocks,)
+        layout.update(self._moment("exp_avg_sq", v_shape, group))
+        return layout
+
+    def _update(self, ps: ParamStep):
+        group = ps.group
+        beta1, beta2 = group["betas"]
+        bc1, bc2 = ps.bias_corrections(beta1, beta2)
+        approach = group["approach"] if ps.projected else 3
+        if approach == 1:
+            low = ps.project(ps.grad)
+            blocks = self._v_layout(ps.param.shape, group)
+            v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
+            m = ps.ema("exp_avg", low, beta1)
+            denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
+            return ps.back(m / denom), group["lr"] / bc1
+        v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
+        m = ps.ema("exp_avg", ps.project(ps.grad), beta1)
+        v_hat_sqrt = v.sqrt() / bc2 ** 0.5
+        if approach == 3:
+            return ps.back(m) / ps.layout.expand(v_hat_sqrt.add_(group["eps"])), group["lr"] / bc1
+        # approach 2: divide in the low-rank space
+        layout = ps.layout
+        if layout.kind == "axis" and layout.axis == _surviving_axis(ps.side):
+            denom = BlockLayout("axis", tuple(m.shape), layout.axis, layout.runs).expand(v_hat_sqrt.add_(group["eps"]))
+        else:
+            denom = v_hat_sqrt.mean().add_(group["eps"])
+        return ps.back(m / denom), group["lr"] / bc1

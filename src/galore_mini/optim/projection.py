@@ -1,0 +1,178 @@
+"""GaLore's gradient projector, as functions over tensors.
+
+A projected weight's gradient ``G`` (m×n) is mapped into a rank-r subspace
+found from ``G`` itself, and updates are mapped back:
+
+* **left** (``P`` is m×r, orthonormal columns): ``R = Pᵀ G`` (r×n), back: ``P X``.
+* **right** (``Q`` stored r×n, orthonormal rows): ``R = G Qᵀ`` (m×r), back: ``X Q``.
+* **full** (both): ``R = Pᵀ G Qᵀ`` (r×r), back: ``P X Q``.
+
+`proj_type` chooses the side from the parameter's shape, exactly as galore-torch
+1.0 does: ``std`` projects the right side when rows ≥ cols (so square matrices
+go right) and the left side otherwise; ``reverse_std`` the opposite. The side
+is a function of the parameter's shape only, so back-projection can never pick
+the other side (galore-torch's ``reverse_std`` does, for square matrices).
+
+How the subspace is found (`proj_method`):
+
+* ``"svd"``: exact ``torch.linalg.svd`` in fp32 (the reference; slow on big CPUs matrices).
+* ``"randomized"``: ``torch.svd_lowrank`` with oversampling and 2 power iterations.
+* ``"power"``: one step of subspace iteration warm-started from the previous
+  projector (``QR(G Gᵀ P_old)``) followed by a Rayleigh–Ritz rotation so the
+  basis is ordered by singular value; the first refresh uses the randomized SVD.
+* ``"random"``: a Gaussian random matrix, orthonormalised (no SVD at all).
+
+The non-exact methods also flip each new basis vector's sign to agree with the
+previous projector, so moments kept across a refresh stay meaningful.
+
+The projector is a plain tensor stored in optimizer state; none of these
+functions hold state of their own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJ_METHODS = ("svd", "randomized", "power", "random")
+OVERSAMPLE = 8
+
+
+def resolve_side(proj_type: str, shape: tuple[int, ...]) -> str:
+    """`left`, `right` or `full` for a parameter of `shape` under `proj_type`."""
+    rows, cols = shape[0], shape[1]
+    if proj_type == "std":
+        return "right" if rows >= cols else "left"
+    if proj_type == "reverse_std":
+        return "left" if rows >= cols else "right"
+    return proj_type
+
+
+def low_rank_shape(shape: tuple[int, ...], rank: int, side: str) -> tuple[int, int]:
+    rows, cols = shape[0], shape[1]
+    if side == "left":
+        return (rank, cols)
+    if side == "right":
+        return (rows, rank)
+    return (rank, rank)
+
+
+def projector_shapes(shape: tuple[int, ...], rank: int, side: str) -> dict[str, tuple[int, int]]:
+    """State keys and shapes of the projector tensors for one parameter."""
+    rows, cols = shape[0], shape[1]
+    if side == "left":
+        return {"projector": (rows, rank)}
+    if side == "right":
+        return {"projector": (rank, cols)}
+    return {"projector": (rows, rank), "projector_right": (rank, cols)}
+
+
+def project(grad: torch.Tensor, state: dict, side: str) -> torch.Tensor:
+    """``R``: the gradient in the low-rank space (fp32)."""
+    basis = state["projector"]
+    g = grad.to(basis.dtype)
+    if side == "left":
+        low = basis.t() @ g
+    elif side == "right":
+        low = g @ basis.t()
+    else:
+        low = basis.t() @ g @ state["projector_right"].t()
+    return low.float()
+
+
+def project_back(low: torch.Tensor, state: dict, side: str, scale: float) -> torch.Tensor:
+    """``scale · back(low)``: a full-size m×n tensor (fp32)."""
+    basis = state["projector"]
+    x = low.to(basis.dtype)
+    if side == "left":
+        full = basis @ x
+    elif side == "right":
+        full = x @ basis
+    else:
+        full = basis @ x @ state["projector_right"]
+    full = full.float()
+    return full.mul_(scale) if scale != 1.0 else full
+
+
+# -- finding the subspace ----------------------------------------------------------------------
+
+
+def _left_basis_from(matrix: torch.Tensor, rank: int, method: str, previous: torch.Tensor | None,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """An m×r orthonormal basis of the leading left singular subspace of `matrix` (fp32)."""
+    rows, cols = matrix.shape
+    if method == "svd":
+        u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank]
+    if method == "random":
+        gauss = torch.randn(rows, rank, generator=generator, device="cpu").to(matrix.device)
+        q, _ = torch.linalg.qr(gauss)
+        return q
+    if method == "power" and previous is not None:
+        # one subspace-iteration step from the old basis, then order by singular value
+        q, _ = torch.linalg.qr(matrix @ (matrix.t() @ previous))
+        small = q.t() @ matrix  # r×n
+        eigvals, eigvecs = torch.linalg.eigh(small @ small.t())
+        basis = q @ eigvecs.flip(-1)
+    else:
+        q = min(rank + OVERSAMPLE, rows, cols)
+        u, _, _ = torch.svd_lowrank(matrix, q=q, niter=2)
+        basis = u[:, :rank]
+    if previous is not None:
+        # SVD signs are arbitrary; agree with the previous basis so kept moments stay aligned
+        signs = torch.sign((basis * previous).sum(dim=0))
+        signs[signs == 0] = 1.0
+        basis = basis * signs
+    return basis
+
+
+def compute_projector(grad: torch.Tensor, rank: int, side: str, method: str, state: dict,
+                      generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+                      ) -> dict[str, torch.Tensor]:
+    """New projector tensor(s) for `grad`, keyed as in :func:`projector_shapes`.
+
+    The previous projector (if `state` has one) warm-starts ``power`` and fixes signs.
+    Computed in fp32 on the gradient's device, stored in `dtype`.
+    """
+    g = grad.float()
+    old = state.get("projector")
+    old = old.float() if old is not None else None
+    out: dict[str, torch.Tensor] = {}
+    if method == "svd":
+        # one exact SVD of G itself, as galore-torch takes it (signs included)
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        if side in ("left", "full"):
+            out["projector"] = u[:, :rank]
+        if side == "right":
+            out["projector"] = vh[:rank]
+        if side == "full":
+            out["projector_right"] = vh[:rank]
+    else:
+        if side in ("left", "full"):
+            out["projector"] = _left_basis_from(g, rank, method, old, generator)
+        if side == "right":
+            # the right basis of G is the left basis of Gᵀ; stored transposed (r×n) like galore-torch
+            prev_right = old.t() if old is not None else None
+            out["projector"] = _left_basis_from(g.t(), rank, method, prev_right, generator).t()
+        if side == "full":
+            prev = state.get("projector_right")
+            prev_right = prev.float().t() if prev is not None else None
+            out["projector_right"] = _left_basis_from(g.t(), rank, method, prev_right, generator).t()
+    return {key: value.to(dtype).contiguous() for key, value in out.items()}
+
+
+def subspace_overlap(new: torch.Tensor, old: torch.Tensor, side: str) -> float:
+    """``‖P_newᵀ P_old‖²_F / r`` in [0, 1]: 1 when the subspaces coincide, ~r/m when unrelated."""
+    new, old = new.float(), old.float()
+    cross = new.t() @ old if side in ("left", "full") else new @ old.t()
+    return float(cross.pow(2).sum() / cross.shape[0])
+
+
+def basis_change(new: torch.Tensor, old: torch.Tensor, side: str) -> torch.Tensor:
+    """The r×r matrix that carries low-rank coordinates from the old basis to the new one.
+
+    left: ``M_new = C M_old`` with ``C = P_newᵀ P_old``;
+    right: ``M_new = M_old C`` with ``C = Q_old Q_newᵀ``.
+    """
+    new, old = new.float(), old.float()
+    return new.t() @ old if side == "left" else old @ new.t()

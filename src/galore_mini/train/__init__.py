@@ -1,0 +1,1 @@
+"""The harness: LLaMA models, data, the pretraining loop, evaluation, memory estimates, CLI."""
