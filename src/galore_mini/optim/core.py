@@ -69,6 +69,9 @@ PROJECTION_DEFAULTS: dict[str, Any] = dict(
 PASSIVE_KEYS = {"params", "name", "param_names", "initial_lr"}
 # State that lives on the CPU whatever the parameter's device: read every step, so no device sync.
 HOST_STATE = ("step", "refresh", "similarity")
+# Group options that decide the shapes or meaning of state tensors.
+STRUCTURAL_KEYS = ("rank", "proj_type", "block", "approach", "moment_bits", "state_dtype", "proj_dtype",
+                   "adaptive_gap", "gap_window", "min_8bit_size", "beta1")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -517,6 +520,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise UsageError("not an optimizer checkpoint: expected a dict with 'state' and 'param_groups'")
         saved_state = state_dict["state"]
+        self._check_structure(state_dict["param_groups"])
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -543,6 +547,20 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     )
                 restored[key] = value.to("cpu" if key in HOST_STATE else p.device).clone()
             self.state[p] = restored
+
+    def _check_structure(self, saved_groups) -> None:
+        """Options that decide state shapes must agree; torch would silently adopt the saved ones."""
+        if len(saved_groups) != len(self.param_groups):
+            raise UsageError(f"optimizer checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}: was it saved for another model or method?")
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in STRUCTURAL_KEYS:
+                if saved.get(key) != current.get(key):
+                    raise UsageError(
+                        f"optimizer checkpoint param group {index} was saved with {key}={saved.get(key)!r} but this "
+                        f"optimizer has {key}={current.get(key)!r} (different rank or model?); build the optimizer "
+                        "with the checkpoint's settings"
+                    )
 
     # -- introspection -----------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ projected axis, each of the r low-rank directions is one block.
 
 **approach 2** (ablation): ``v`` is fed from the full ``G`` (blocks as in
 approach 3) but applied to ``M̂`` in the low-rank space before
-back-projection. Blocks along a surviving axis apply directly; blocks along
-the projected axis collapse to the mean of their ``v̂``.
+back-projection. Blocks along a surviving axis apply directly (and then the
+result equals approach 3 exactly: a per-row scaling commutes with the right
+projection); blocks along the projected axis collapse to the mean of their ``√v̂``.
 
 Parameters in groups without ``rank`` (embeddings, output layer, norms,
 biases) get Adam-mini with their group's ``block``. State per projected weight:
