@@ -115,3 +115,18 @@ def test_projector_follows_gradient_device_and_dtype():
     state = compute_projector(g, 2, "right", "svd", {}, dtype=torch.bfloat16)
     assert state["projector"].dtype == torch.bfloat16 and state["projector"].device == g.device
     assert project(g, state, "right").dtype == torch.float32
+
+
+def test_staggered_refresh_spreads_second_refreshes():
+    import galore_mini as gm
+
+    weights = [torch.nn.Parameter(torch.randn(12, 8)) for _ in range(4)]
+    opt = gm.GaLoreMini([{"params": weights, "rank": 2, "update_proj_gap": 8, "stagger_refresh": True}])
+    for w in weights:
+        w.grad = torch.randn(12, 8)
+    opt.step()
+    assert [int(opt.state[w]["refresh"][0]) for w in weights] == [9, 7, 5, 3]
+    for _ in range(3):
+        opt.step()
+    # after its own first (shortened) window each weight refreshes every 8 steps again
+    assert int(opt.state[weights[3]]["refresh"][0]) == 11

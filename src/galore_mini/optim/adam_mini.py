@@ -57,8 +57,8 @@ class AdamMini(ComposedOptimizer):
         m = ps.ema("exp_avg", ps.grad, beta1)
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
-        denom = ps.layout.expand((v.sqrt() / bc2 ** 0.5).add_(ps.group["eps"]))
-        return m / denom, ps.group["lr"] / bc1
+        inverse_denom = ps.layout.expand((v.sqrt() / bc2 ** 0.5).add_(ps.group["eps"]).reciprocal_())
+        return m, ps.group["lr"] / bc1, inverse_denom
 
 
 _PROJECTION_ONLY = ("update_proj_gap", "scale", "proj_type", "proj_method", "moment_policy", "adaptive_gap",

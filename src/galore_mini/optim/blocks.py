@@ -90,6 +90,22 @@ class BlockLayout:
             parts.append(moved.reshape(count, -1).mean(dim=1))
         return torch.cat(parts)
 
+    def block_mean_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """``block_mean(x * x)`` without a full-size temporary (a norm per block, squared)."""
+        if self.kind == "elementwise":
+            return x * x
+        if self.kind == "tensor":
+            return torch.linalg.vector_norm(x).square().div(x.numel()).reshape(1)
+        if self.uniform and x.is_contiguous():
+            size = self.runs[0][1]
+            if self.axis == 0:
+                blocks = x.view(self.n_blocks, -1)
+                return torch.linalg.vector_norm(blocks, dim=1).square_().div_(blocks.shape[1])
+            if x.dim() == 2:
+                blocks = x.view(x.shape[0], self.n_blocks, size)
+                return torch.linalg.vector_norm(blocks, dim=(0, 2)).square_().div_(x.shape[0] * size)
+        return self.block_mean(x * x)
+
     def expand(self, per_block: torch.Tensor) -> torch.Tensor:
         """A per-block vector shaped to broadcast against the tensor."""
         if self.kind == "elementwise":

@@ -64,6 +64,7 @@ PROJECTION_DEFAULTS: dict[str, Any] = dict(
     gap_window=5,
     max_gap=None,
     proj_dtype=None,
+    stagger_refresh=False,
 )
 # Keys torch or its schedulers put in groups, and descriptive keys of ours.
 PASSIVE_KEYS = {"params", "name", "param_names", "initial_lr"}
@@ -115,9 +116,13 @@ class ParamStep:
         return project(g, self.state, self.side) if self.projected else g
 
     def back(self, low: torch.Tensor) -> torch.Tensor:
-        if not self.projected:
-            return low
-        return project_back(low, self.state, self.side, self.group["scale"])
+        """``back(low)`` without the scale α: optimizers multiply :attr:`scale` into their step size."""
+        return project_back(low, self.state, self.side) if self.projected else low
+
+    @property
+    def scale(self) -> float:
+        """GaLore's α for projected weights, 1 otherwise."""
+        return self.group["scale"] if self.projected else 1.0
 
     def bias_corrections(self, beta1: float, beta2: float) -> tuple[float, float]:
         if not self.group.get("correct_bias", True):
@@ -155,7 +160,7 @@ class ParamStep:
     def block_ema_sq(self, key: str, x: torch.Tensor, beta: float, layout: BlockLayout) -> torch.Tensor:
         """Per-block ``v_b ← β v_b + (1-β) mean_{i∈b} x_i²``; returns ``v`` shape ``(n_blocks,)``."""
         v = self._read(key, (layout.n_blocks,), signed=False)
-        v.mul_(beta).add_(layout.block_mean(x * x), alpha=1.0 - beta)
+        v.mul_(beta).add_(layout.block_mean_sq(x), alpha=1.0 - beta)
         self._write(key, v, signed=False)
         return v
 
@@ -163,8 +168,10 @@ class ParamStep:
 class ComposedOptimizer(torch.optim.Optimizer):
     """Base class: validation, state allocation, projector refresh, step loop, exact resume.
 
-    Subclasses set ``defaults`` and implement ``_update(ps) -> (direction, step_size)``
-    (the parameter moves by ``-step_size * direction``) and ``_state_layout``.
+    Subclasses set ``defaults`` and implement ``_state_layout`` and ``_update(ps)``, which returns
+    ``(direction, step_size)`` or ``(direction, step_size, multiplier)``: the parameter moves by
+    ``-step_size · direction [· multiplier]``, the multiplier a small tensor broadcast over blocks
+    (so no full-size quotient is ever formed).
     """
 
     #: weight decay applied before the update (AdamW/Adam-mini) or after it (galore-torch)
@@ -357,8 +364,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, group, params: list[torch.Tensor]) -> None:
         grads = [self._checked_grad(p) for p in params]
-        # one host sync for the whole group rather than one per parameter
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).tolist()
+        # One host sync for the whole group. A sum is non-finite iff an entry is (or the sum overflows fp32,
+        # i.e. |g| ~ 1e38/n, where Adam's squares would have overflowed long before): one read of each gradient.
+        finite = torch.isfinite(torch.stack([g.sum() for g in grads])).tolist()
         for p, g, ok in zip(params, grads, finite):
             if not ok:
                 if group.get("nonfinite", "skip") == "raise":
@@ -374,7 +382,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """Update one parameter now (used by layer-wise updates inside backward)."""
         group = self._group_of(p)
         g = self._checked_grad(p)
-        if not bool(torch.isfinite(g).all()):
+        if not bool(torch.isfinite(g.sum())):
             if group.get("nonfinite", "skip") == "raise":
                 raise FloatingPointError(f"non-finite gradient for a parameter of shape {list(p.shape)}")
             self.nonfinite_skips += 1
@@ -409,8 +417,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if t >= int(state["refresh"][0]):
                 self._refresh(p, grad, group, state, side, t)
         layout = self._block_layout(p.shape, group) if self.uses_blocks else None
-        direction, step_size = self._update(ParamStep(p, grad, state, group, t, side, layout))
-        self._apply(p, direction, step_size, group)
+        self._apply(p, group, *self._update(ParamStep(p, grad, state, group, t, side, layout)))
 
     def _update(self, ps: ParamStep) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
@@ -419,12 +426,16 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """How much weight decay removes this step (``lr·λ`` unless a subclass scales lr)."""
         return group["lr"] * group.get("weight_decay", 0.0)
 
-    def _apply(self, p: torch.Tensor, direction: torch.Tensor, step_size: float, group) -> None:
+    def _apply(self, p: torch.Tensor, group, direction: torch.Tensor, step_size: float,
+               multiplier: torch.Tensor | None = None) -> None:
         decay = self._decay_rate(group)
         target = p if p.dtype == torch.float32 else p.float()
         if decay and not self.decay_after_update:
             target.mul_(1.0 - decay)
-        target.add_(direction, alpha=-step_size)
+        if multiplier is None:
+            target.add_(direction, alpha=-step_size)
+        else:
+            target.addcmul_(direction, multiplier, value=-step_size)
         if decay and self.decay_after_update:
             target.add_(target, alpha=-decay)
         if target is not p:
@@ -435,9 +446,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _refresh(self, p, grad, group, state, side: str, t: int) -> None:
         refresh = state["refresh"]
         had_projector = t > 1
-        generator = None
-        if group["proj_method"] == "random":
-            generator = torch.Generator().manual_seed(1_000_003 * self._param_index.get(id(p), 0) + t)
+        # random sketches depend on (parameter, step) only, so a resumed run draws the same ones
+        generator = torch.Generator().manual_seed(1_000_003 * self._param_index.get(id(p), 0) + t)
         new = compute_projector(grad, group["rank"], side, group["proj_method"], state if had_projector else {},
                                 generator, _dtype(group["proj_dtype"], "proj_dtype"))
         if had_projector:
@@ -446,7 +456,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 self._adapt_gap(group, state, side, new)
         for key, value in new.items():
             state[key].copy_(value)
-        refresh[0] = t + int(refresh[1])
+        gap = int(refresh[1])
+        if not had_projector and group["stagger_refresh"]:
+            # spread the second refreshes over the first window so no single step pays for every SVD
+            position = next(i for i, q in enumerate(group["params"]) if q is p)
+            gap = max(1, gap - (position * gap) // len(group["params"]))
+        refresh[0] = t + gap
 
     def _on_subspace_change(self, group, state, side: str, new: dict[str, torch.Tensor]) -> None:
         policy = group["moment_policy"]

@@ -77,7 +77,7 @@ class GaLoreAdamW(ComposedOptimizer):
         v = ps.ema_sq("exp_avg_sq", low, beta2)
         normalized = m / v.sqrt().add_(ps.group["eps"])
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
-        return ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1
+        return ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1 * ps.scale
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -172,7 +172,7 @@ class GaLoreAdafactor(ComposedOptimizer):
         update.mul_(step_size)
         if group["beta1"] is not None:
             update = ps.ema("exp_avg", update, group["beta1"])
-        return ps.back(update), 1.0
+        return ps.back(update), ps.scale
 
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]

@@ -118,16 +118,17 @@ class GaLoreMini(ComposedOptimizer):
             v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
             m = ps.ema("exp_avg", low, beta1)
             denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
-            return ps.back(m / denom), group["lr"] / bc1
+            return ps.back(m / denom), group["lr"] / bc1 * ps.scale
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         m = ps.ema("exp_avg", ps.project(ps.grad), beta1)
         v_hat_sqrt = v.sqrt() / bc2 ** 0.5
         if approach == 3:
-            return ps.back(m) / ps.layout.expand(v_hat_sqrt.add_(group["eps"])), group["lr"] / bc1
+            inverse_denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]).reciprocal_())
+            return ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom
         # approach 2: divide in the low-rank space
         layout = ps.layout
         if layout.kind == "axis" and layout.axis == _surviving_axis(ps.side):
             denom = BlockLayout("axis", tuple(m.shape), layout.axis, layout.runs).expand(v_hat_sqrt.add_(group["eps"]))
         else:
             denom = v_hat_sqrt.mean().add_(group["eps"])
-        return ps.back(m / denom), group["lr"] / bc1
+        return ps.back(m / denom), group["lr"] / bc1 * ps.scale

@@ -15,8 +15,10 @@ the other side (galore-torch's ``reverse_std`` does, for square matrices).
 
 How the subspace is found (`proj_method`):
 
-* ``"svd"``: exact ``torch.linalg.svd`` in fp32 (the reference; slow on big CPUs matrices).
-* ``"randomized"``: ``torch.svd_lowrank`` with oversampling and 2 power iterations.
+* ``"svd"``: exact ``torch.linalg.svd`` in fp32 (the reference; slow for big matrices on CPUs).
+* ``"randomized"``: a randomized range finder (Gaussian sketch with 8 extra
+  columns, 2 power steps, Rayleigh–Ritz), seeded per parameter and step so a
+  resumed run draws the same sketch.
 * ``"power"``: one step of subspace iteration warm-started from the previous
   projector (``QR(G Gᵀ P_old)``) followed by a Rayleigh–Ritz rotation so the
   basis is ordered by singular value; the first refresh uses the randomized SVD.
@@ -36,6 +38,7 @@ import torch
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJ_METHODS = ("svd", "randomized", "power", "random")
 OVERSAMPLE = 8
+RANDOMIZED_POWER_STEPS = 2
 
 
 def resolve_side(proj_type: str, shape: tuple[int, ...]) -> str:
@@ -80,8 +83,12 @@ def project(grad: torch.Tensor, state: dict, side: str) -> torch.Tensor:
     return low.float()
 
 
-def project_back(low: torch.Tensor, state: dict, side: str, scale: float) -> torch.Tensor:
-    """``scale · back(low)``: a full-size m×n tensor (fp32)."""
+def project_back(low: torch.Tensor, state: dict, side: str, scale: float = 1.0) -> torch.Tensor:
+    """``scale · back(low)``: a full-size m×n tensor in the projector's dtype.
+
+    The optimizers pass ``scale=1`` and fold α into their step size, which saves a full-size pass;
+    a bf16 projector gives a bf16 result that the final in-place update reads directly.
+    """
     basis = state["projector"]
     x = low.to(basis.dtype)
     if side == "left":
@@ -90,36 +97,46 @@ def project_back(low: torch.Tensor, state: dict, side: str, scale: float) -> tor
         full = x @ basis
     else:
         full = basis @ x @ state["projector_right"]
-    full = full.float()
     return full.mul_(scale) if scale != 1.0 else full
 
 
 # -- finding the subspace ----------------------------------------------------------------------
 
 
+def _ritz(matrix_c: torch.Tensor, q: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rotate the orthonormal basis `q` (m×k) so its first `rank` columns are ordered by singular value."""
+    small = (q.to(matrix_c.dtype).t() @ matrix_c).float()  # k×n
+    _, eigvecs = torch.linalg.eigh(small @ small.t())
+    return q @ eigvecs[:, -rank:].flip(-1)
+
+
 def _left_basis_from(matrix: torch.Tensor, rank: int, method: str, previous: torch.Tensor | None,
-                     generator: torch.Generator | None) -> torch.Tensor:
-    """An m×r orthonormal basis of the leading left singular subspace of `matrix` (fp32)."""
+                     generator: torch.Generator | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """An m×r orthonormal basis of the leading left singular subspace of `matrix` (fp32 result).
+
+    The big products run in `compute_dtype` (bf16 when the projector is kept in bf16); QR and the
+    small eigenproblem stay fp32.
+    """
     rows, cols = matrix.shape
-    if method == "svd":
-        u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank]
+    matrix_c = matrix.to(compute_dtype)
     if method == "random":
-        gauss = torch.randn(rows, rank, generator=generator, device="cpu").to(matrix.device)
-        q, _ = torch.linalg.qr(gauss)
-        return q
+        gauss = torch.randn(rows, rank, generator=generator).to(matrix.device)
+        basis, _ = torch.linalg.qr(gauss)
+        return basis
     if method == "power" and previous is not None:
         # one subspace-iteration step from the old basis, then order by singular value
-        q, _ = torch.linalg.qr(matrix @ (matrix.t() @ previous))
-        small = q.t() @ matrix  # r×n
-        eigvals, eigvecs = torch.linalg.eigh(small @ small.t())
-        basis = q @ eigvecs.flip(-1)
+        q, _ = torch.linalg.qr((matrix_c @ (matrix_c.t() @ previous.to(compute_dtype))).float())
+        basis = _ritz(matrix_c, q, rank)
     else:
-        q = min(rank + OVERSAMPLE, rows, cols)
-        u, _, _ = torch.svd_lowrank(matrix, q=q, niter=2)
-        basis = u[:, :rank]
+        # randomized range finder (Halko et al.): Gaussian sketch, RANDOMIZED_POWER_STEPS power steps, Ritz
+        k = min(rank + OVERSAMPLE, rows, cols)
+        sketch = torch.randn(cols, k, generator=generator).to(device=matrix.device, dtype=compute_dtype)
+        q, _ = torch.linalg.qr((matrix_c @ sketch).float())
+        for _ in range(RANDOMIZED_POWER_STEPS):
+            q, _ = torch.linalg.qr((matrix_c @ (matrix_c.t() @ q.to(compute_dtype))).float())
+        basis = _ritz(matrix_c, q, rank)
     if previous is not None:
-        # SVD signs are arbitrary; agree with the previous basis so kept moments stay aligned
+        # singular vectors' signs are arbitrary; agree with the previous basis so kept moments stay aligned
         signs = torch.sign((basis * previous).sum(dim=0))
         signs[signs == 0] = 1.0
         basis = basis * signs
@@ -131,9 +148,12 @@ def compute_projector(grad: torch.Tensor, rank: int, side: str, method: str, sta
                       ) -> dict[str, torch.Tensor]:
     """New projector tensor(s) for `grad`, keyed as in :func:`projector_shapes`.
 
-    The previous projector (if `state` has one) warm-starts ``power`` and fixes signs.
-    Computed in fp32 on the gradient's device, stored in `dtype`.
+    The previous projector (if `state` has one) warm-starts ``power`` and fixes signs. Stored in
+    `dtype`; the non-exact methods also run their big products in it. `generator` seeds the random
+    sketches, so a resumed run draws the same ones.
     """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     g = grad.float()
     old = state.get("projector")
     old = old.float() if old is not None else None
@@ -149,15 +169,15 @@ def compute_projector(grad: torch.Tensor, rank: int, side: str, method: str, sta
             out["projector_right"] = vh[:rank]
     else:
         if side in ("left", "full"):
-            out["projector"] = _left_basis_from(g, rank, method, old, generator)
+            out["projector"] = _left_basis_from(g, rank, method, old, generator, dtype)
         if side == "right":
             # the right basis of G is the left basis of Gᵀ; stored transposed (r×n) like galore-torch
             prev_right = old.t() if old is not None else None
-            out["projector"] = _left_basis_from(g.t(), rank, method, prev_right, generator).t()
+            out["projector"] = _left_basis_from(g.t(), rank, method, prev_right, generator, dtype).t()
         if side == "full":
             prev = state.get("projector_right")
             prev_right = prev.float().t() if prev is not None else None
-            out["projector_right"] = _left_basis_from(g.t(), rank, method, prev_right, generator).t()
+            out["projector_right"] = _left_basis_from(g.t(), rank, method, prev_right, generator, dtype).t()
     return {key: value.to(dtype).contiguous() for key, value in out.items()}
 
 
