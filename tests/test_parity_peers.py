@@ -108,3 +108,23 @@ def test_adam_mini_matches_adam_mini_package_on_llama():
     k_ref = dict(model_ref.named_parameters())[k_name]
     torch.testing.assert_close(ours.state[k_ours]["exp_avg_sq"], ref.state[k_ref]["vmean"].reshape(-1),
                                rtol=1e-5, atol=1e-12)
+
+
+def test_batched_refresh_of_same_shaped_weights_matches_galore_torch():
+    """Several same-shaped weights in one group are refreshed with one batched SVD; results must not change."""
+    shape = (40, 24)
+    grads = [_shared_grads(shape, steps=7, seed=s) for s in (5, 6, 7)]
+
+    def run(opt_cls):
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(shape)) for _ in grads]
+        opt = opt_cls([{"params": weights, "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
+                      lr=1e-2, weight_decay=0.01)
+        for step in range(7):
+            for w, g in zip(weights, grads):
+                w.grad = g[step].clone()
+            opt.step()
+        return weights
+
+    for ours, theirs in zip(run(gm.GaLoreAdamW), run(galore_torch.GaLoreAdamW)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

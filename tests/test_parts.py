@@ -130,3 +130,32 @@ def test_staggered_refresh_spreads_second_refreshes():
         opt.step()
     # after its own first (shortened) window each weight refreshes every 8 steps again
     assert int(opt.state[weights[3]]["refresh"][0]) == 11
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized", "power", "random"])
+def test_batched_step_equals_per_parameter_steps(method, monkeypatch):
+    """`step()` refreshes same-shaped weights in one batched call (as on GPUs); `step_param` one at a time."""
+    import galore_mini as gm
+    from galore_mini.optim import core
+
+    monkeypatch.setattr(core, "BATCH_REFRESH_ON_CPU", True)
+
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(24, 16, generator=gen) for _ in range(3)] for _ in range(7)]
+
+    def run(batched):
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(24, 16)) for _ in range(3)]
+        opt = gm.GaLoreMini([{"params": weights, "rank": 4, "update_proj_gap": 3, "proj_method": method}], lr=1e-2)
+        for step_grads in grads:
+            for w, g in zip(weights, step_grads):
+                w.grad = g.clone()
+            if batched:
+                opt.step()
+            else:
+                for w in weights:
+                    opt.step_param(w)
+        return weights
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

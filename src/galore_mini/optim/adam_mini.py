@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from galore_mini.optim.core import ComposedOptimizer, ParamStep
+from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer, ParamStep
 
 
 class AdamMini(ComposedOptimizer):
@@ -44,7 +44,7 @@ class AdamMini(ComposedOptimizer):
 
     def _allowed_keys(self):
         # Adam-mini has no projector: a `rank` here is a mistake worth naming
-        return super()._allowed_keys() - {"rank"} - set(_PROJECTION_ONLY)
+        return super()._allowed_keys() - {"rank"} - set(PROJECTION_DEFAULTS)
 
     def _state_layout(self, shape, work_shape, group):
         layout = self._moment("exp_avg", shape, group)
@@ -60,6 +60,3 @@ class AdamMini(ComposedOptimizer):
         inverse_denom = ps.layout.expand((v.sqrt() / bc2 ** 0.5).add_(ps.group["eps"]).reciprocal_())
         return m, ps.group["lr"] / bc1, inverse_denom
 
-
-_PROJECTION_ONLY = ("update_proj_gap", "scale", "proj_type", "proj_method", "moment_policy", "adaptive_gap",
-                    "gap_threshold", "gap_growth", "gap_window", "max_gap", "proj_dtype")

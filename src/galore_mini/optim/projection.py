@@ -104,56 +104,63 @@ def project_back(low: torch.Tensor, state: dict, side: str, scale: float = 1.0) 
 
 
 def _ritz(matrix_c: torch.Tensor, q: torch.Tensor, rank: int) -> torch.Tensor:
-    """Rotate the orthonormal basis `q` (m×k) so its first `rank` columns are ordered by singular value."""
-    small = (q.to(matrix_c.dtype).t() @ matrix_c).float()  # k×n
-    _, eigvecs = torch.linalg.eigh(small @ small.t())
-    return q @ eigvecs[:, -rank:].flip(-1)
+    """Rotate the orthonormal basis `q` (…×m×k) so its first `rank` columns are ordered by singular value."""
+    small = (q.to(matrix_c.dtype).mT @ matrix_c).float()  # k×n
+    _, eigvecs = torch.linalg.eigh(small @ small.mT)
+    return q @ eigvecs[..., -rank:].flip(-1)
+
+
+def _sketch(shape: tuple[int, int], generators: list[torch.Generator], batched: bool) -> torch.Tensor:
+    draws = [torch.randn(shape, generator=gen) for gen in generators]
+    return torch.stack(draws) if batched else draws[0]
 
 
 def _left_basis_from(matrix: torch.Tensor, rank: int, method: str, previous: torch.Tensor | None,
-                     generator: torch.Generator | None, compute_dtype: torch.dtype) -> torch.Tensor:
+                     generators: list[torch.Generator], compute_dtype: torch.dtype) -> torch.Tensor:
     """An m×r orthonormal basis of the leading left singular subspace of `matrix` (fp32 result).
 
-    The big products run in `compute_dtype` (bf16 when the projector is kept in bf16); QR and the
-    small eigenproblem stay fp32.
+    `matrix` may carry leading batch dimensions (one basis each). The big products run in
+    `compute_dtype` (bf16 when the projector is kept in bf16); QR and the small eigenproblem stay fp32.
     """
-    rows, cols = matrix.shape
+    rows, cols = matrix.shape[-2:]
+    batched = matrix.dim() == 3
     matrix_c = matrix.to(compute_dtype)
     if method == "random":
-        gauss = torch.randn(rows, rank, generator=generator).to(matrix.device)
-        basis, _ = torch.linalg.qr(gauss)
+        basis, _ = torch.linalg.qr(_sketch((rows, rank), generators, batched).to(matrix.device))
         return basis
     if method == "power" and previous is not None:
         # one subspace-iteration step from the old basis, then order by singular value
-        q, _ = torch.linalg.qr((matrix_c @ (matrix_c.t() @ previous.to(compute_dtype))).float())
+        q, _ = torch.linalg.qr((matrix_c @ (matrix_c.mT @ previous.to(compute_dtype))).float())
         basis = _ritz(matrix_c, q, rank)
     else:
         # randomized range finder (Halko et al.): Gaussian sketch, RANDOMIZED_POWER_STEPS power steps, Ritz
         k = min(rank + OVERSAMPLE, rows, cols)
-        sketch = torch.randn(cols, k, generator=generator).to(device=matrix.device, dtype=compute_dtype)
+        sketch = _sketch((cols, k), generators, batched).to(device=matrix.device, dtype=compute_dtype)
         q, _ = torch.linalg.qr((matrix_c @ sketch).float())
         for _ in range(RANDOMIZED_POWER_STEPS):
-            q, _ = torch.linalg.qr((matrix_c @ (matrix_c.t() @ q.to(compute_dtype))).float())
+            q, _ = torch.linalg.qr((matrix_c @ (matrix_c.mT @ q.to(compute_dtype))).float())
         basis = _ritz(matrix_c, q, rank)
     if previous is not None:
         # singular vectors' signs are arbitrary; agree with the previous basis so kept moments stay aligned
-        signs = torch.sign((basis * previous).sum(dim=0))
-        signs[signs == 0] = 1.0
-        basis = basis * signs
+        agreement = (basis * previous).sum(dim=-2, keepdim=True)
+        basis = basis * torch.where(agreement < 0, -1.0, 1.0)
     return basis
 
 
 def compute_projector(grad: torch.Tensor, rank: int, side: str, method: str, state: dict,
-                      generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-                      ) -> dict[str, torch.Tensor]:
+                      generator: torch.Generator | list[torch.Generator] | None = None,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """New projector tensor(s) for `grad`, keyed as in :func:`projector_shapes`.
 
-    The previous projector (if `state` has one) warm-starts ``power`` and fixes signs. Stored in
-    `dtype`; the non-exact methods also run their big products in it. `generator` seeds the random
-    sketches, so a resumed run draws the same ones.
+    `grad` may be a stack (b×m×n) of same-shaped gradients: every operation is batched, which on a GPU
+    turns many small QR/eigen/SVD calls into one. The previous projector (if `state` has one, stacked
+    alike) warm-starts ``power`` and fixes signs. Stored in `dtype`; the non-exact methods also run
+    their big products in it. `generator` (one per matrix) seeds the random sketches, so a resumed
+    run draws the same ones.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    generators = generator if isinstance(generator, list) else [generator]
     g = grad.float()
     old = state.get("projector")
     old = old.float() if old is not None else None
@@ -162,22 +169,22 @@ def compute_projector(grad: torch.Tensor, rank: int, side: str, method: str, sta
         # one exact SVD of G itself, as galore-torch takes it (signs included)
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         if side in ("left", "full"):
-            out["projector"] = u[:, :rank]
+            out["projector"] = u[..., :rank]
         if side == "right":
-            out["projector"] = vh[:rank]
+            out["projector"] = vh[..., :rank, :]
         if side == "full":
-            out["projector_right"] = vh[:rank]
+            out["projector_right"] = vh[..., :rank, :]
     else:
         if side in ("left", "full"):
-            out["projector"] = _left_basis_from(g, rank, method, old, generator, dtype)
+            out["projector"] = _left_basis_from(g, rank, method, old, generators, dtype)
         if side == "right":
             # the right basis of G is the left basis of Gᵀ; stored transposed (r×n) like galore-torch
-            prev_right = old.t() if old is not None else None
-            out["projector"] = _left_basis_from(g.t(), rank, method, prev_right, generator, dtype).t()
+            prev_right = old.mT if old is not None else None
+            out["projector"] = _left_basis_from(g.mT, rank, method, prev_right, generators, dtype).mT
         if side == "full":
             prev = state.get("projector_right")
-            prev_right = prev.float().t() if prev is not None else None
-            out["projector_right"] = _left_basis_from(g.t(), rank, method, prev_right, generator, dtype).t()
+            prev_right = prev.float().mT if prev is not None else None
+            out["projector_right"] = _left_basis_from(g.mT, rank, method, prev_right, generators, dtype).mT
     return {key: value.to(dtype).contiguous() for key, value in out.items()}
 
 
