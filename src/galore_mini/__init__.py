@@ -15,6 +15,7 @@ and the helpers that build their param groups from a model::
 from galore_mini.errors import UsageError
 from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
 from galore_mini.optim.groups import METHODS, ParamGroups, create_optimizer, param_groups
+from galore_mini.optim.layerwise import layerwise
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,16 @@ __all__ = [
     "ParamGroups",
     "UsageError",
     "create_optimizer",
+    "layerwise",
+    "memory",
     "param_groups",
 ]
+
+
+def __getattr__(name):
+    # the memory estimator pulls in the harness's model configs; load it only when asked for
+    if name == "memory":
+        import importlib
+
+        return importlib.import_module("galore_mini.memory")
+    raise AttributeError(f"module 'galore_mini' has no attribute {name!r}")

@@ -112,14 +112,15 @@ class GaLoreAdafactor(ComposedOptimizer):
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1=None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,
-                 *, nonfinite: str = "skip", **projection_defaults):
+                 *, nonfinite: str = "skip", state_dtype=None, **projection_defaults):
         if lr is not None and relative_step:
             raise UsageError("lr and relative_step=True cannot be combined: pass relative_step=False with an lr")
         if warmup_init and not relative_step:
             raise UsageError("warmup_init=True requires relative_step=True")
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                         beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
-                        relative_step=relative_step, warmup_init=warmup_init, nonfinite=nonfinite)
+                        relative_step=relative_step, warmup_init=warmup_init, nonfinite=nonfinite,
+                        state_dtype=state_dtype)
         super().__init__(params, defaults, projection_defaults)
 
     def _state_layout(self, shape, work_shape, group):
@@ -127,10 +128,10 @@ class GaLoreAdafactor(ComposedOptimizer):
         if group["beta1"] is not None:
             layout.update(self._moment("exp_avg", work_shape, group))
         if len(work_shape) >= 2:
-            layout["exp_avg_sq_row"] = (tuple(work_shape[:-1]), torch.float32)
-            layout["exp_avg_sq_col"] = (tuple(work_shape[:-2]) + tuple(work_shape[-1:]), torch.float32)
+            layout.update(self._moment("exp_avg_sq_row", tuple(work_shape[:-1]), group))
+            layout.update(self._moment("exp_avg_sq_col", tuple(work_shape[:-2]) + tuple(work_shape[-1:]), group))
         else:
-            layout["exp_avg_sq"] = (tuple(work_shape), torch.float32)
+            layout.update(self._moment("exp_avg_sq", tuple(work_shape), group))
         return layout
 
     def _low_rank_moment_keys(self, group):
@@ -158,15 +159,12 @@ class GaLoreAdafactor(ComposedOptimizer):
         beta2t = 1.0 - math.pow(ps.t, group["decay_rate"])
         squared = low * low + group["eps"][0]
         if low.dim() >= 2:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            row = ps.ema("exp_avg_sq_row", squared.mean(dim=-1), beta2t)
+            col = ps.ema("exp_avg_sq_col", squared.mean(dim=-2), beta2t)
             row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
             update = row_factor * col.unsqueeze(-2).rsqrt() * low
         else:
-            v = state["exp_avg_sq"]
-            v.mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-            update = v.rsqrt() * low
+            update = ps.ema("exp_avg_sq", squared, beta2t).rsqrt() * low
         rms = update.norm(2) / math.sqrt(update.numel())
         update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
         update.mul_(step_size)
