@@ -36,6 +36,7 @@ test: venv corpus
 	$(PY) -m pytest -n 2 -q
 
 bench: venv
+	$(PIP) install --quiet -e ".[bench]"
 	$(PY) bench/run_all.py
 
 clean:

@@ -92,7 +92,7 @@ def test_galore_mini_matches_float64_reference(approach, shape, rows_per_block):
     weight = torch.nn.Parameter(W0.clone())
     block = "rows" if rows_per_block == 1 else f"heads:{rows_per_block}"
     opt = gm.GaLoreMini([{"params": [weight], "rank": hp["rank"], "update_proj_gap": hp["gap"], "scale": hp["scale"],
-                          "block": block}], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"],
+                          "block": block, "proj_method": "svd"}], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"],
                         approach=approach)
     for g in grads:
         weight.grad = g.clone()
@@ -103,7 +103,8 @@ def test_galore_mini_matches_float64_reference(approach, shape, rows_per_block):
 
 def _final(approach, shape, grads):
     weight = torch.nn.Parameter(torch.zeros(shape))
-    opt = gm.GaLoreMini([{"params": [weight], "rank": 4, "block": "heads:4"}], lr=1e-2, approach=approach)
+    opt = gm.GaLoreMini([{"params": [weight], "rank": 4, "block": "heads:4", "proj_method": "svd"}], lr=1e-2,
+                        approach=approach)
     for g in grads:
         weight.grad = g.clone()
         opt.step()

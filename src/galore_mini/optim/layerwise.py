@@ -154,7 +154,8 @@ class LayerwiseUpdates:
         if max_grad_norm is not None:
             if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or \
                     not max_grad_norm > 0 or max_grad_norm == float("inf"):
-                raise UsageError(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0 (or None for no clipping)")
+                raise UsageError(f"max_grad_norm={max_grad_norm!r} must be a finite number > 0 "
+                                 "(or None for no clipping)")
             max_grad_norm = float(max_grad_norm)
         if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "_layerwise_handle", None) is not None:
             raise UsageError("this optimizer already has layer-wise updates; call .remove() on that handle first")
