@@ -37,12 +37,13 @@ from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
 from galore_mini.optim.projection import (
     PROJ_METHODS,
+    LowRankProduct,
+    back_factors,
     PROJ_TYPES,
     basis_change,
     compute_projector,
     low_rank_shape,
     project,
-    project_back,
     projector_shapes,
     resolve_side,
     subspace_overlap,
@@ -98,6 +99,29 @@ def _dtype_name(value) -> str | None:
     return str(value).replace("torch.", "")
 
 
+def _fused_low_rank_update(p: torch.Tensor, update: LowRankProduct, keep: float, alpha: float) -> bool:
+    """``p ← keep·p + alpha·a@b`` as one GEMM accumulating into fp32 `p`; False where it would be slower.
+
+    fp32 factors use ``addmm_`` on any device. bf16 factors need an fp32 output from bf16 inputs, which
+    CUDA's ``addmm(out_dtype=…)`` gives; CPUs lack it (there a bf16 product plus an add is faster than
+    an fp32 GEMM), so the caller multiplies out.
+    """
+    a, b = update.a, update.b
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        p.addmm_(a, b, beta=keep, alpha=alpha)
+        return True
+    if p.is_cuda and a.dtype == b.dtype == torch.bfloat16 and _CUDA_OUT_DTYPE_ADDMM[0]:
+        try:
+            torch.addmm(p, a, b, beta=keep, alpha=alpha, out_dtype=torch.float32, out=p)
+            return True
+        except (TypeError, RuntimeError):
+            _CUDA_OUT_DTYPE_ADDMM[0] = False  # this torch build lacks it: multiply out from now on
+    return False
+
+
+_CUDA_OUT_DTYPE_ADDMM = [True]
+
+
 class ParamStep:
     """One parameter's step: the parts an optimizer's ``_update`` composes.
 
@@ -118,9 +142,10 @@ class ParamStep:
     def project(self, g: torch.Tensor) -> torch.Tensor:
         return project(g, self.state, self.side) if self.projected else g
 
-    def back(self, low: torch.Tensor) -> torch.Tensor:
-        """``back(low)`` without the scale α: optimizers multiply :attr:`scale` into their step size."""
-        return project_back(low, self.state, self.side) if self.projected else low
+    def back(self, low: torch.Tensor) -> torch.Tensor | LowRankProduct:
+        """``back(low)`` without the scale α (optimizers multiply :attr:`scale` into their step size),
+        as factors for projected weights so the update can be fused into one GEMM."""
+        return back_factors(low, self.state, self.side) if self.projected else low
 
     @property
     def scale(self) -> float:
@@ -477,18 +502,25 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """How much weight decay removes this step (``lr·λ`` unless a subclass scales lr)."""
         return group["lr"] * group.get("weight_decay", 0.0)
 
-    def _apply(self, p: torch.Tensor, group, direction: torch.Tensor, step_size: float,
+    def _apply(self, p: torch.Tensor, group, direction: torch.Tensor | LowRankProduct, step_size: float,
                multiplier: torch.Tensor | None = None) -> None:
+        """``p ← p - step_size · direction [· multiplier]`` with decoupled weight decay before or after."""
         decay = self._decay_rate(group)
+        # p(1-d) - s·U  or, decaying after the update, (p - s·U)(1-d) = p(1-d) - s(1-d)·U
+        keep = 1.0 - decay
+        alpha = -step_size * (keep if self.decay_after_update else 1.0)
+        if isinstance(direction, LowRankProduct):
+            if multiplier is not None:
+                direction = direction.scaled(multiplier)
+            if p.dtype == torch.float32 and _fused_low_rank_update(p, direction, keep, alpha):
+                return
+            direction = direction.materialize()
+        elif multiplier is not None:
+            direction = direction * multiplier
         target = p if p.dtype == torch.float32 else p.float()
-        if decay and not self.decay_after_update:
-            target.mul_(1.0 - decay)
-        if multiplier is None:
-            target.add_(direction, alpha=-step_size)
-        else:
-            target.addcmul_(direction, multiplier, value=-step_size)
-        if decay and self.decay_after_update:
-            target.add_(target, alpha=-decay)
+        if decay:
+            target.mul_(keep)
+        target.add_(direction, alpha=alpha)
         if target is not p:
             p.copy_(target)
 

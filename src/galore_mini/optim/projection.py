@@ -100,6 +100,40 @@ def project_back(low: torch.Tensor, state: dict, side: str, scale: float = 1.0) 
     return full.mul_(scale) if scale != 1.0 else full
 
 
+class LowRankProduct:
+    """``a @ b`` not yet multiplied out: a back-projected update (m×r times r×n).
+
+    Keeping the factors lets the final update be one GEMM with the weight as accumulator
+    (``W ← βW + α·a@b``), so the m×n product is never written to memory, and lets a per-row or
+    per-column multiplier be folded into the small factor.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+
+    def scaled(self, multiplier: torch.Tensor) -> "LowRankProduct":
+        """``multiplier ⊙ (a @ b)`` for a multiplier broadcast along rows (m×1), columns (1×n) or a scalar."""
+        if multiplier.dim() == 2 and multiplier.shape[1] == 1:
+            return LowRankProduct(self.a * multiplier.to(self.a.dtype), self.b)
+        if multiplier.dim() == 2 and multiplier.shape[0] == 1:
+            return LowRankProduct(self.a, self.b * multiplier.to(self.b.dtype))
+        return LowRankProduct(self.a * multiplier.reshape(()).to(self.a.dtype), self.b)
+
+    def materialize(self) -> torch.Tensor:
+        return self.a @ self.b
+
+
+def back_factors(low: torch.Tensor, state: dict, side: str) -> LowRankProduct:
+    """``back(low)`` as factors (in the projector's dtype); see :func:`project_back`."""
+    basis = state["projector"]
+    x = low.to(basis.dtype)
+    if side == "left":
+        return LowRankProduct(basis, x)
+    if side == "right":
+        return LowRankProduct(x, basis)
+    return LowRankProduct(basis @ x, state["projector_right"])
+
+
 # -- finding the subspace ----------------------------------------------------------------------
 
 
