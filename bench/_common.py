@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+import json
 from pathlib import Path
 
 import torch
@@ -160,3 +161,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_and_report(args, run, render) -> dict:
+    """Run a benchmark, print its rendered report and, with ``--json PATH``, save the raw report."""
+    report = run(args)
+    print(render(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report

@@ -22,7 +22,6 @@ Amortised cost: ``refresh / T`` as a % of one steady GaLore-mini step on a weigh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -150,12 +149,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse(argv)
-    report = run(args)
-    print(render(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return C.run_and_report(parse(argv), run, render)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Variants timed (median, device-synchronised):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -138,12 +137,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse(argv)
-    report = run(args)
-    print(render(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
+    return C.run_and_report(parse(argv), run, render)
 
 
 if __name__ == "__main__":

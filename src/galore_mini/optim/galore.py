@@ -152,7 +152,7 @@ class GaLoreAdafactor(ComposedOptimizer):
         return self._current_step_size * group["weight_decay"]
 
     def _update(self, ps: ParamStep):
-        group, state = ps.group, ps.state
+        group = ps.group
         low = ps.project(ps.grad)
         step_size = self._step_size(group, ps.t, ps.param)
         self._current_step_size = step_size

@@ -235,6 +235,16 @@ def load_pretrained_tokenizer(name_or_path: str) -> TextTokenizer:
     return TextTokenizer(backend, int(eos), len(backend), name_or_path)
 
 
+def _cached_tokenizer(folder: Path, tokenizer: str | None, label_suffix: str = ""):
+    """The pretrained tokenizer named by `tokenizer`, else the BPE cached in `folder`."""
+    if tokenizer:
+        return load_pretrained_tokenizer(tokenizer)
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return _bpe_wrapper(backend, f"byte-level BPE {backend.get_vocab_size()}{label_suffix}")
+
+
 def _bpe_wrapper(backend, name: str) -> TextTokenizer:
     return TextTokenizer(backend, backend.token_to_id(EOS_TOKEN), backend.get_vocab_size(), name)
 
@@ -469,13 +479,7 @@ def prepare_data(data: str | None = None, *, seq_len: int, vocab_size: int = 819
         _atomic_write(ready, lambda f: f.write(json.dumps(meta, indent=1)), mode="w")
     if barrier is not None:
         barrier()
-    if tokenizer:
-        tok = load_pretrained_tokenizer(tokenizer)
-    else:
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        tok = _bpe_wrapper(backend, f"byte-level BPE {backend.get_vocab_size()}")
+    tok = _cached_tokenizer(folder, tokenizer)
     train_ids = np.load(folder / "train.npy")
     val = pack_rows(np.load(folder / "val.npy"), seq_len, val_tokens)
     if len(val) == 0:
@@ -546,13 +550,7 @@ def _prepare_c4(*, seq_len, vocab_size, tokenizer, val_tokens, cache_dir, is_mai
         _atomic_write(ready, lambda f: f.write(json.dumps({"source": "c4", "vocab_size": tok.vocab_size})), mode="w")
     if barrier is not None:
         barrier()
-    if tokenizer:
-        tok = load_pretrained_tokenizer(tokenizer)
-    else:
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        tok = _bpe_wrapper(backend, f"byte-level BPE {backend.get_vocab_size()} (C4)")
+    tok = _cached_tokenizer(folder, tokenizer, " (C4)")
     val = pack_rows(np.load(folder / "val.npy"), seq_len, val_tokens)
     if len(val) == 0:
         raise UsageError(f"C4's validation split gave fewer than --seq-len={seq_len} tokens")

@@ -82,7 +82,6 @@ state in its parameters' dtype; ``galore_adafactor`` stays fp32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
