@@ -446,6 +446,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             per_chunk = max(1, REFRESH_BATCH_BYTES // (4 * math.prod(shape))) if batched else 1
             for start in range(0, len(items), per_chunk):
                 chunk = items[start:start + per_chunk]
+                if len(chunk) == 1:  # 2-D products (mm) beat a batch of one (bmm copies its operands)
+                    p, grad, group, state, t = chunk[0]
+                    self._refresh(p, grad, group, state, side, t)
+                    continue
                 group = chunk[0][2]
                 old = {key: torch.stack([item[3][key] for item in chunk]) for key in ("projector", "projector_right")
                        if key in chunk[0][3]} if had_projector else {}
