@@ -163,6 +163,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"1024x2752x256,2048x5461x512"`` → ``[(1024, 2752, 256), (2048, 5461, 512)]`` (M×N×R)."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
 def run_and_report(args, run, render) -> dict:
     """Run a benchmark, print its rendered report and, with ``--json PATH``, save the raw report."""
     report = run(args)

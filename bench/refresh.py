@@ -144,7 +144,7 @@ def parse(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.shapes, args.reps, args.step_reps = "64x176x8", 1, 1
-    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    args.shapes = C.parse_shapes(args.shapes)
     return args
 
 

@@ -132,7 +132,7 @@ def parse(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.shapes, args.reps = "64x32x8,32x64x8", 2
-    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    args.shapes = C.parse_shapes(args.shapes)
     return args
 
 

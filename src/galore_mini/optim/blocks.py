@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -130,9 +131,14 @@ class BlockLayout:
 
 def parse_block(spec: str, shape: tuple[int, ...] | torch.Size, *, name: str = "block") -> BlockLayout:
     """Turn a layout string into a :class:`BlockLayout` for `shape`, checking it fits."""
-    shape = tuple(shape)
     if not isinstance(spec, str):
         raise UsageError(f"{name}={spec!r} must be a string such as 'rows', 'heads:64' or 'tensor'")
+    return _parse_block(spec, tuple(shape), name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_block(spec: str, shape: tuple[int, ...], name: str) -> BlockLayout:
+    # cached: every optimizer step asks for each parameter's layout, and layouts are immutable
     if spec in ("elementwise", "tensor"):
         return BlockLayout(spec, shape)
     if len(shape) < 2 and spec not in ("rows",):

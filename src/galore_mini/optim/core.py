@@ -464,7 +464,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         """Update one parameter now (used by layer-wise updates inside backward)."""
         group = self._group_of(p)
         g = self._checked_grad(p)
-        if self._admit((p, g, group), bool(torch.isfinite(g.sum()))):
+        if self._admit((p, g, group), self._finite_flags([g])[0]):
             with torch.no_grad():
                 self._step_param(p, g, group)
 

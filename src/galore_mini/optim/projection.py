@@ -83,23 +83,6 @@ def project(grad: torch.Tensor, state: dict, side: str) -> torch.Tensor:
     return low.float()
 
 
-def project_back(low: torch.Tensor, state: dict, side: str, scale: float = 1.0) -> torch.Tensor:
-    """``scale · back(low)``: a full-size m×n tensor in the projector's dtype.
-
-    The optimizers pass ``scale=1`` and fold α into their step size, which saves a full-size pass;
-    a bf16 projector gives a bf16 result that the final in-place update reads directly.
-    """
-    basis = state["projector"]
-    x = low.to(basis.dtype)
-    if side == "left":
-        full = basis @ x
-    elif side == "right":
-        full = x @ basis
-    else:
-        full = basis @ x @ state["projector_right"]
-    return full.mul_(scale) if scale != 1.0 else full
-
-
 class LowRankProduct:
     """``a @ b`` not yet multiplied out: a back-projected update (m×r times r×n).
 
@@ -124,7 +107,8 @@ class LowRankProduct:
 
 
 def back_factors(low: torch.Tensor, state: dict, side: str) -> LowRankProduct:
-    """``back(low)`` as factors (in the projector's dtype); see :func:`project_back`."""
+    """``back(low)`` as factors ``a @ b`` in the projector's dtype: left ``P·low``, right ``low·Q``,
+    full ``(P·low)·Q``."""
     basis = state["projector"]
     x = low.to(basis.dtype)
     if side == "left":
@@ -132,6 +116,15 @@ def back_factors(low: torch.Tensor, state: dict, side: str) -> LowRankProduct:
     if side == "right":
         return LowRankProduct(x, basis)
     return LowRankProduct(basis @ x, state["projector_right"])
+
+
+def project_back(low: torch.Tensor, state: dict, side: str, scale: float = 1.0) -> torch.Tensor:
+    """``scale · back(low)``: the full-size m×n tensor, in the projector's dtype.
+
+    The optimizers use :func:`back_factors` instead, so the product is formed inside the update.
+    """
+    full = back_factors(low, state, side).materialize()
+    return full.mul_(scale) if scale != 1.0 else full
 
 
 # -- finding the subspace ----------------------------------------------------------------------
