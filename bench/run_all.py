@@ -1,6 +1,6 @@
 """Run the benchmarks and regenerate BENCHMARKS.md.
 
-    .venv/bin/python bench/run_all.py                  # CPU benchmarks (~7 minutes on 2 cores) → BENCHMARKS.md
+    .venv/bin/python bench/run_all.py                  # CPU benchmarks (~8 minutes on 2 cores) → BENCHMARKS.md
     .venv/bin/python bench/run_all.py --only step_time # re-run one; the others are read from bench/results/
     .venv/bin/python bench/run_all.py --smoke --out /tmp/B.md   # tiny shapes: checks the pipeline
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("step_time", "refresh", "quality")
+SCRIPTS = ("step_time", "launches", "refresh", "quality")
 
 
 def _command(name: str, smoke: bool, results: Path, extra: list[str]) -> list[str]:
@@ -41,6 +41,11 @@ def run_script(name: str, smoke: bool, results: Path, extra: list[str], in_proce
     cmd = _command(name, smoke, results, extra)
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=C.ROOT)
+
+
+def _extra(name: str, threads: int) -> list[str]:
+    # the host-cost benchmark is single-threaded by design: it measures dispatch, not arithmetic
+    return [] if name == "launches" else ["--threads", str(threads)]
 
 
 def _load(results: Path, name: str) -> dict | None:
@@ -126,6 +131,12 @@ def render(results: Path, commands: list[str]) -> str:
                                                         _goal_rows(step, refresh, quality, gpu)), ""]
     if step:
         out += ["## Step time and optimizer state (CPU)", "", _when(step), "", step_time.render(step), ""]
+    launches = _load(results, "launches")
+    if launches:
+        import launches as launches_mod
+
+        out += ["## Host cost of a step at LLaMA-1B's parameter count", "", _when(launches), "",
+                launches_mod.__doc__.split("\n\n")[1].replace("\n", " "), "", launches_mod.render(launches), ""]
     if refresh:
         out += ["## Subspace refresh", "", _when(refresh), "", refresh_mod.render(refresh), ""]
     if quality:
@@ -156,12 +167,11 @@ def main(argv=None) -> None:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     names = [] if args.render_only else (args.only or list(SCRIPTS))
-    extra = ["--threads", str(args.threads)]
     for name in names:
-        run_script(name, args.smoke, results, extra, args.in_process)
+        run_script(name, args.smoke, results, _extra(name, args.threads), args.in_process)
     smoke = ["--smoke"] if args.smoke else []
-    commands = [" ".join([".venv/bin/python", f"bench/{n}.py"] + smoke + extra) for n in SCRIPTS]
-    commands.append(" ".join([".venv/bin/python", "bench/run_all.py"] + smoke) + "   # runs the three above, "
+    commands = [" ".join([".venv/bin/python", f"bench/{n}.py"] + smoke + _extra(n, args.threads)) for n in SCRIPTS]
+    commands.append(" ".join([".venv/bin/python", "bench/run_all.py"] + smoke) + "   # runs the ones above, "
                     "renders this file")
     commands.append("PYTHONPATH=src python3 bench/gpu.py --json bench/results/gpu_llama1b.json   # on a CUDA "
                     "machine; then .venv/bin/python bench/run_all.py --render-only")

@@ -113,11 +113,14 @@ def entries(model, args) -> list[Entry]:
     ours("galore_power_bf16", "ours GaLoreAdamW (power, bf16 proj)", "galore", proj_method="power",
          proj_dtype="bf16")
     ours("adam_mini", "ours AdamMini", "adam_mini")
+    ours("adam_mini_single", "ours AdamMini (single-tensor path)", "adam_mini", foreach=False)
     ours("galore_mini", "ours GaLoreMini (svd)", "galore_mini", proj_method="svd")
     ours("galore_mini_power", "ours GaLoreMini (power)", "galore_mini", proj_method="power")
     ours("galore_mini_randomized", "ours GaLoreMini (randomized)", "galore_mini", proj_method="randomized")
     ours("galore_mini_power_bf16", "ours GaLoreMini (power, bf16 proj)", "galore_mini", proj_method="power",
          proj_dtype="bf16")
+    ours("galore_mini_power_bf16_single", "ours GaLoreMini (power, bf16 proj, single-tensor path)", "galore_mini",
+         proj_method="power", proj_dtype="bf16", foreach=False)
     ours("galore_mini_randomized_bf16", "ours GaLoreMini (randomized, bf16 proj)", "galore_mini",
          proj_method="randomized", proj_dtype="bf16")
     if args.only:

@@ -1,4 +1,4 @@
-"""CUDA paths (batched refresh, fused low-rank update) agree with the CPU reference path.
+"""CUDA paths (batched refresh, fused low-rank update, multi-tensor step) agree with the reference paths.
 
 Skipped without a GPU; on a GPU machine without pytest run it as ``PYTHONPATH=src python tests/test_gpu.py``.
 """
@@ -38,7 +38,22 @@ def test_cuda_matches_cpu(cls, proj_dtype):
         torch.testing.assert_close(b, a, **tol)
 
 
+@pytest.mark.parametrize("proj_dtype", ["float32", "bf16"])
+def test_cuda_multi_tensor_matches_single_tensor(proj_dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fast = _run("cuda", gm.GaLoreMini, proj_dtype, foreach=True)
+    reference = _run("cuda", gm.GaLoreMini, proj_dtype, foreach=False)
+    for a, b in zip(reference, fast):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
 if __name__ == "__main__":
+    for proj_dtype in ("float32", "bf16"):
+        try:
+            test_cuda_multi_tensor_matches_single_tensor(proj_dtype)
+            print("ok multi-tensor", proj_dtype)
+        except AssertionError as exc:
+            print("FAIL multi-tensor", proj_dtype, str(exc).splitlines()[:4])
     for cls in (gm.GaLoreMini, gm.GaLoreAdamW):
         for proj_dtype in ("float32", "bf16"):
             try:

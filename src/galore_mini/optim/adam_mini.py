@@ -27,24 +27,30 @@ Example::
 
 from __future__ import annotations
 
+from galore_mini.optim import multi_tensor
 from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer, ParamStep
 
 
 class AdamMini(ComposedOptimizer):
     """Adam-mini (see module docstring). Args: ``lr``, ``betas``, ``eps``, ``weight_decay``
-    (decoupled, before the update), ``nonfinite``, ``state_dtype``; group key ``block``."""
+    (decoupled, before the update), ``nonfinite``, ``state_dtype``, ``foreach`` (``False`` forces the
+    single-tensor reference path instead of :mod:`galore_mini.optim.multi_tensor`); group key ``block``."""
 
     uses_blocks = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, nonfinite: str = "skip", state_dtype=None):
+                 weight_decay: float = 0.0, *, nonfinite: str = "skip", state_dtype=None,
+                 foreach: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        nonfinite=nonfinite, state_dtype=state_dtype)
+                        nonfinite=nonfinite, state_dtype=state_dtype, foreach=foreach)
         super().__init__(params, defaults)
 
     def _allowed_keys(self):
         # Adam-mini has no projector: a `rank` here is a mistake worth naming
         return super()._allowed_keys() - {"rank"} - set(PROJECTION_DEFAULTS)
+
+    def _multi_tensor_layout(self, p, group):
+        return multi_tensor.layout_if_eligible(self, p, group)
 
     def _state_layout(self, shape, work_shape, group):
         layout = self._moment("exp_avg", shape, group)

@@ -91,21 +91,41 @@ class BlockLayout:
             parts.append(moved.reshape(count, -1).mean(dim=1))
         return torch.cat(parts)
 
+    @property
+    def block_numel_along(self) -> int:
+        """Indices along `axis` in each block (uniform layouts only)."""
+        return self.runs[0][1]
+
+    def block_norms(self, x: torch.Tensor) -> torch.Tensor | None:
+        """L2 norm of `x` over each block, shape ``(n_blocks,)``, read in one pass without a copy (fp32 for
+        bf16/fp16 `x`); ``None`` where the blocks are not a view of `x` (elementwise, uneven runs,
+        non-contiguous `x`)."""
+        cast = {"dtype": torch.float32} if x.dtype in (torch.bfloat16, torch.float16) else {}
+        if self.kind == "tensor":
+            return torch.linalg.vector_norm(x, **cast).reshape(1)
+        if self.kind != "axis" or not self.uniform or not x.is_contiguous():
+            return None
+        if self.axis == 0:
+            return torch.linalg.vector_norm(x.view(self.n_blocks, -1), dim=1, **cast)
+        if x.dim() == 2:
+            blocks = x.view(x.shape[0], self.n_blocks, self.block_numel_along)
+            return torch.linalg.vector_norm(blocks, dim=(0, 2), **cast)
+        return None
+
+    def block_numel(self) -> int:
+        """Entries in each block, for the layouts :meth:`block_norms` handles."""
+        if self.kind == "tensor":
+            return math.prod(self.shape)
+        return math.prod(self.shape) // self.shape[self.axis] * self.block_numel_along
+
     def block_mean_sq(self, x: torch.Tensor) -> torch.Tensor:
         """``block_mean(x * x)`` without a full-size temporary (a norm per block, squared)."""
         if self.kind == "elementwise":
             return x * x
-        if self.kind == "tensor":
-            return torch.linalg.vector_norm(x).square().div(x.numel()).reshape(1)
-        if self.uniform and x.is_contiguous():
-            size = self.runs[0][1]
-            if self.axis == 0:
-                blocks = x.view(self.n_blocks, -1)
-                return torch.linalg.vector_norm(blocks, dim=1).square_().div_(blocks.shape[1])
-            if x.dim() == 2:
-                blocks = x.view(x.shape[0], self.n_blocks, size)
-                return torch.linalg.vector_norm(blocks, dim=(0, 2)).square_().div_(x.shape[0] * size)
-        return self.block_mean(x * x)
+        norms = self.block_norms(x)
+        if norms is None:
+            return self.block_mean(x * x)
+        return norms.square_().div_(self.block_numel())
 
     def expand(self, per_block: torch.Tensor) -> torch.Tensor:
         """A per-block vector shaped to broadcast against the tensor."""

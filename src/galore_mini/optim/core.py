@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim import quant
+from galore_mini.optim import multi_tensor, quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
 from galore_mini.optim.projection import (
     PROJ_METHODS,
@@ -384,28 +384,50 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(p, self._checked_grad(p), group) for group in self.param_groups
-                for p in group["params"] if p.grad is not None]
-        ready = [item for item, ok in zip(work, self._finite_flags([g for _, g, _ in work])) if self._admit(item, ok)]
-        self._refresh_due(ready)
-        for p, grad, group in ready:
-            self._step_param(p, grad, group)
+        work = []  # (param, grad, group, block layout or None, block norms or None)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = self._checked_grad(p)
+                layout = self._multi_tensor_layout(p, group)
+                norms = layout.block_norms(grad) if layout is not None else None
+                work.append((p, grad, group, layout if norms is not None else None, norms))
+        # the multi-tensor path's block norms are its finiteness probe too: the gradient is read once
+        flags = self._finite_flags([norms if norms is not None else grad for _, grad, _, _, norms in work])
+        ready = [item for item, ok in zip(work, flags) if self._admit(item[:3], ok)]
+        steps = self._next_steps(ready)
+        self._refresh_due(ready, steps)
+        fast, fast_steps = [], []
+        for item, t in zip(ready, steps):
+            if item[3] is None:
+                self._step_param(*item[:3])
+            else:
+                fast.append(item)
+                fast_steps.append(t)
+        if fast:
+            multi_tensor.block_adam_step(self, fast, fast_steps)
         return loss
 
-    @staticmethod
-    def _finite_flags(grads: list[torch.Tensor]) -> list[bool]:
-        """Whether each gradient is finite, with one host sync per device for the whole step.
+    def _multi_tensor_layout(self, p: torch.Tensor, group: dict) -> BlockLayout | None:
+        """The block layout when `p` takes the multi-tensor path (:mod:`.multi_tensor`); None: the
+        single-tensor reference path. Optimizers of the block-Adam family opt in."""
+        return None
 
-        A sum is non-finite iff an entry is (or the sum overflows fp32, i.e. |g| ~ 1e38/n, where Adam's
-        squares would have overflowed long before): one read of each gradient, no per-parameter sync.
+    @staticmethod
+    def _finite_flags(probes: list[torch.Tensor]) -> list[bool]:
+        """Whether each probe (a gradient, or its block norms) is finite, with one host sync per device.
+
+        An L1 norm is non-finite iff an entry is (or the sum overflows fp32, i.e. |g| ~ 1e38/n, where
+        Adam's squares would have overflowed long before); one multi-tensor reduction per device.
         """
         by_device: dict[torch.device, list[int]] = {}
-        for i, g in enumerate(grads):
-            by_device.setdefault(g.device, []).append(i)
-        flags = [True] * len(grads)
+        for i, probe in enumerate(probes):
+            by_device.setdefault(probe.device, []).append(i)
+        flags = [True] * len(probes)
         for indices in by_device.values():
-            sums = torch.stack([grads[i].sum() for i in indices])
-            for i, ok in zip(indices, torch.isfinite(sums).tolist()):
+            norms = torch._foreach_norm([probes[i] for i in indices], 1, dtype=torch.float32)
+            for i, ok in zip(indices, torch.isfinite(torch.stack(norms)).tolist()):
                 flags[i] = ok
         return flags
 
@@ -421,25 +443,33 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.nonfinite_skips += 1
         return False
 
-    def _refresh_due(self, ready) -> None:
+    def _next_steps(self, ready) -> list[int]:
+        """Create missing states and return each parameter's step number for this step (one read)."""
+        for p, _, group, *_ in ready:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group, state)
+        if not ready:
+            return []
+        return [int(t) + 1 for t in torch.stack([self.state[item[0]]["step"] for item in ready]).tolist()]
+
+    def _refresh_due(self, ready, steps: list[int]) -> None:
         """Refresh, in batches of same-shaped matrices, every projector whose refresh falls on this step.
 
         One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU the difference is
         seconds at LLaMA-1B scale); stacks are capped at REFRESH_BATCH_BYTES of gradient.
         """
+        projected = [(item, t) for item, t in zip(ready, steps) if "rank" in item[2]]
+        if not projected:
+            return
+        due_at = torch.stack([self.state[item[0]]["refresh"] for item, _ in projected])[:, 0].tolist()
         buckets: dict[tuple, list] = {}
-        for p, grad, group in ready:
-            if "rank" not in group:
-                continue
-            state = self.state[p]
-            if not state:
-                self._init_state(p, group, state)
-            t = int(state["step"]) + 1
-            if t < int(state["refresh"][0]):
+        for ((p, grad, group, *_), t), due in zip(projected, due_at):
+            if t < due:
                 continue
             side = resolve_side(group["proj_type"], p.shape)
             key = (id(group), tuple(p.shape), side, grad.device, t > 1)
-            buckets.setdefault(key, []).append((p, grad, group, state, t))
+            buckets.setdefault(key, []).append((p, grad, group, self.state[p], t))
         for (_, shape, side, device, had_projector), items in buckets.items():
             # CPU LAPACK gains nothing from batching (measured: slightly slower), so it stays per matrix there
             batched = device.type != "cpu" or BATCH_REFRESH_ON_CPU

@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 from galore_mini.errors import UsageError
+from galore_mini.optim import multi_tensor
 from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.core import ComposedOptimizer, ParamStep
 from galore_mini.optim.projection import low_rank_shape, resolve_side
@@ -68,7 +69,9 @@ class GaLoreMini(ComposedOptimizer):
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
     ``approach`` (3, or the ablations 1 and 2), ``moment_bits`` (32 or 8 for the
-    first moment), ``nonfinite``, ``state_dtype``, and the projection options
+    first moment), ``nonfinite``, ``state_dtype``, ``foreach`` (``None``/``True``: the multi-tensor
+    step of :mod:`galore_mini.optim.multi_tensor` wherever it applies; ``False``: the single-tensor
+    reference path), and the projection options
     of :class:`~galore_mini.GaLoreAdamW` as defaults for groups with ``rank``
     (here ``proj_method`` defaults to ``"power"``; pass ``"svd"`` for the exact
     reference, and ``proj_dtype="bf16"`` for ~4× faster projections where the
@@ -79,10 +82,11 @@ class GaLoreMini(ComposedOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
-                 nonfinite: str = "skip", state_dtype=None, min_8bit_size: int = 4096, **projection_defaults):
+                 nonfinite: str = "skip", state_dtype=None, min_8bit_size: int = 4096, foreach: bool | None = None,
+                 **projection_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, approach=approach,
                         moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
-                        min_8bit_size=min_8bit_size)
+                        min_8bit_size=min_8bit_size, foreach=foreach)
         # No peer to match bit for bit, so the fast refresh is the default: a warm-started subspace
         # iteration (randomized range finder at the first refresh) costs ~1% of the exact SVD, for +0.7%
         # perplexity in the pretraining comparison (RESULTS.md). proj_method="svd" gives the reference.
@@ -98,6 +102,9 @@ class GaLoreMini(ComposedOptimizer):
         if "rank" in group and group.get("block") == "elementwise":
             raise UsageError("block='elementwise' would store a full-size second moment for projected weights; "
                              "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
+
+    def _multi_tensor_layout(self, p, group):
+        return multi_tensor.layout_if_eligible(self, p, group)
 
     def _v_layout(self, shape, group) -> BlockLayout:
         layout = self._block_layout(shape, group)

@@ -73,14 +73,15 @@ def projector_shapes(shape: tuple[int, ...], rank: int, side: str) -> dict[str, 
 def project(grad: torch.Tensor, state: dict, side: str) -> torch.Tensor:
     """``R``: the gradient in the low-rank space (fp32)."""
     basis = state["projector"]
-    g = grad.to(basis.dtype)
+    # dtype checks in Python: a no-op `.to` still costs a dispatch, and the step is launch-bound on GPUs
+    g = grad if grad.dtype == basis.dtype else grad.to(basis.dtype)
     if side == "left":
         low = basis.t() @ g
     elif side == "right":
         low = g @ basis.t()
     else:
         low = basis.t() @ g @ state["projector_right"].t()
-    return low.float()
+    return low if low.dtype == torch.float32 else low.float()
 
 
 class LowRankProduct:
@@ -97,20 +98,24 @@ class LowRankProduct:
     def scaled(self, multiplier: torch.Tensor) -> "LowRankProduct":
         """``multiplier ⊙ (a @ b)`` for a multiplier broadcast along rows (m×1), columns (1×n) or a scalar."""
         if multiplier.dim() == 2 and multiplier.shape[1] == 1:
-            return LowRankProduct(self.a * multiplier.to(self.a.dtype), self.b)
+            return LowRankProduct(self.a * _as(multiplier, self.a.dtype), self.b)
         if multiplier.dim() == 2 and multiplier.shape[0] == 1:
-            return LowRankProduct(self.a, self.b * multiplier.to(self.b.dtype))
-        return LowRankProduct(self.a * multiplier.reshape(()).to(self.a.dtype), self.b)
+            return LowRankProduct(self.a, self.b * _as(multiplier, self.b.dtype))
+        return LowRankProduct(self.a * _as(multiplier.reshape(()), self.a.dtype), self.b)
 
     def materialize(self) -> torch.Tensor:
         return self.a @ self.b
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def back_factors(low: torch.Tensor, state: dict, side: str) -> LowRankProduct:
     """``back(low)`` as factors ``a @ b`` in the projector's dtype: left ``P·low``, right ``low·Q``,
     full ``(P·low)·Q``."""
     basis = state["projector"]
-    x = low.to(basis.dtype)
+    x = _as(low, basis.dtype)
     if side == "left":
         return LowRankProduct(basis, x)
     if side == "right":

@@ -1,0 +1,90 @@
+"""The multi-tensor step of the block-second-moment Adam family (Adam-mini, GaLore-mini approach 3).
+
+The single-tensor path (:meth:`ComposedOptimizer._step_param` calling an optimizer's ``_update``) is
+the reference: one small composition per parameter, about 25 tensor operations each. On a GPU each
+operation is a kernel launch costing several microseconds of host time, so at LLaMA-1B scale (219
+parameters) the step is bound by the host issuing ~6,000 launches, not by the device (measured on
+an H100: 70 ms against fused AdamW's 16 ms). This path computes the same arithmetic with
+``torch._foreach_*`` operations over every parameter of a param group at once, leaving per parameter
+only what cannot be batched: the per-block norms of the gradient (which double as the step's
+finiteness probe, so the gradient is read once), the projection GEMM and the fused back-projection
+GEMM. The results equal the reference bit for bit in fp32 (tested).
+
+For each parameter ``p`` of a group, with gradient ``G``, blocks ``b``, step ``t``:
+
+* ``v_b ← β2 v_b + (1-β2)·‖G_b‖²/|b|`` (``norms`` are the ``‖G_b‖`` computed by the probe);
+* ``M ← β1 M + (1-β1)·R`` with ``R = project(G)`` for projected weights, ``R = G`` otherwise;
+* ``d_b = 1 / (√v_b/√(1-β2ᵗ) + ε)``;
+* ``p ← p(1-ηλ) - η/(1-β1ᵗ)·α·back(M)·d`` through :meth:`ComposedOptimizer._apply`, the same tail as
+  the reference path (the multiplier is folded into the small factor of a projected update).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from galore_mini.optim.blocks import BlockLayout
+from galore_mini.optim.projection import back_factors, project, resolve_side
+
+
+def layout_if_eligible(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
+    """The block layout when `p` may take the multi-tensor path, else None.
+
+    Eligible: the group has not set ``foreach=False``, moments are stored in fp32 (no 8-bit or
+    bf16 state), the block layout is not elementwise, and (GaLore-mini) the approach is 3.
+    """
+    if group.get("foreach") is False or group.get("moment_bits", 32) != 32:
+        return None
+    if group.get("state_dtype") not in (None, "fp32", "float32", torch.float32):
+        return None
+    if "rank" in group and group.get("approach", 3) != 3:
+        return None
+    layout = optimizer._block_layout(p.shape, group)
+    return None if layout.kind == "elementwise" else layout
+
+
+def block_adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
+    """Update every parameter in `items` — ``(param, grad, group, layout, norms)`` — at its step `t`.
+
+    States must already exist (and projectors be refreshed for this step). Parameters are batched by
+    param group, since betas, eps, lr and weight decay are per group.
+    """
+    by_group: dict[int, list[tuple]] = {}
+    for item, t in zip(items, steps):
+        by_group.setdefault(id(item[2]), []).append((*item, t))
+    for entries in by_group.values():
+        _group_step(optimizer, entries)
+
+
+def _group_step(optimizer, entries: list[tuple]) -> None:
+    group = entries[0][2]
+    beta1, beta2 = group["betas"]
+    correct = group.get("correct_bias", True)
+    states = [optimizer.state[p] for p, *_ in entries]
+    torch._foreach_add_([state["step"] for state in states], 1.0)
+
+    squares = torch._foreach_mul([e[4] for e in entries], [e[4] for e in entries])
+    torch._foreach_div_(squares, [float(e[3].block_numel()) for e in entries])
+    second = [state["exp_avg_sq"] for state in states]
+    torch._foreach_mul_(second, beta2)
+    torch._foreach_add_(second, squares, alpha=1.0 - beta2)
+
+    projected = "rank" in group
+    sides = [resolve_side(group["proj_type"], p.shape) if projected else None for p, *_ in entries]
+    low = [project(e[1], state, side) if side else e[1] for e, state, side in zip(entries, states, sides)]
+    first = [state["exp_avg"] for state in states]
+    torch._foreach_mul_(first, beta1)
+    torch._foreach_add_(first, low, alpha=1.0 - beta1)
+    del low
+
+    steps = [e[5] for e in entries]
+    inverse = torch._foreach_sqrt(second)
+    torch._foreach_div_(inverse, [(1.0 - beta2 ** t) ** 0.5 if correct else 1.0 for t in steps])
+    torch._foreach_add_(inverse, group["eps"])
+    torch._foreach_reciprocal_(inverse)
+
+    scale = group["scale"] if projected else 1.0
+    for (p, _, _, layout, _, t), state, side, m, d in zip(entries, states, sides, first, inverse):
+        bc1 = 1.0 - beta1 ** t if correct else 1.0
+        direction = back_factors(m, state, side) if side else m
+        optimizer._apply(p, group, direction, group["lr"] / bc1 * scale, layout.expand(d))
