@@ -21,7 +21,10 @@ exact. Moments are fp32 whatever the parameter dtype unless a group sets
 
 Non-finite gradients follow the ``nonfinite`` option: ``"skip"`` (default)
 leaves that parameter and its state untouched for the step and counts it in
-``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``.
+``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``. The check costs one host
+sync per step. Parameters that take the multi-tensor path (:mod:`.multi_tensor`) are probed through
+their per-block gradient norms, so there a gradient whose block sum of squares overflows fp32 (|g|
+above ~1e19, where the reference path's ``v`` would become infinite) is skipped too.
 """
 
 from __future__ import annotations
