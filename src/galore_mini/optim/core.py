@@ -109,13 +109,12 @@ def _fused_low_rank_update(p: torch.Tensor, update: LowRankProduct, keep: float,
     CUDA's ``addmm(out_dtype=…)`` gives; CPUs lack it (there a bf16 product plus an add is faster than
     an fp32 GEMM), so the caller multiplies out.
     """
-    a, b = update.a, update.b
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        p.addmm_(a, b, beta=keep, alpha=alpha)
+    if update.dtype == torch.float32:
+        p.addmm_(*update.factors(), beta=keep, alpha=alpha)
         return True
-    if p.is_cuda and a.dtype == b.dtype == torch.bfloat16 and _CUDA_OUT_DTYPE_ADDMM[0]:
+    if p.is_cuda and update.dtype == torch.bfloat16 and _CUDA_OUT_DTYPE_ADDMM[0]:
         try:
-            torch.addmm(p, a, b, beta=keep, alpha=alpha, out_dtype=torch.float32, out=p)
+            torch.addmm(p, *update.factors(), beta=keep, alpha=alpha, out_dtype=torch.float32, out=p)
             return True
         except (TypeError, RuntimeError):
             _CUDA_OUT_DTYPE_ADDMM[0] = False  # this torch build lacks it: multiply out from now on
