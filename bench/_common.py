@@ -168,6 +168,13 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
+def add_shape_arguments(parser, *, layers: int, dim: int, ffn: int, heads: int, rank: int, threads: int) -> None:
+    """The LLaMA-block shape, rank and thread options the step benchmarks share (defaults per script)."""
+    for name, default in (("layers", layers), ("dim", dim), ("ffn", ffn), ("heads", heads), ("rank", rank),
+                          ("threads", threads)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
 def run_and_report(args, run, render) -> dict:
     """Run a benchmark, print its rendered report and, with ``--json PATH``, save the raw report."""
     report = run(args)

@@ -114,12 +114,7 @@ def render(report: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="2 blocks, few steps: checks that it runs")
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--ffn", type=int, default=172)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
+    C.add_shape_arguments(parser, layers=24, dim=64, ffn=172, heads=4, rank=8, threads=1)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The multi-tensor step (foreach) against the single-tensor reference path, bit for bit."""
+"""The multi-tensor steps (foreach) against the single-tensor reference path, bit for bit."""
 
 import copy
 import io
@@ -18,6 +18,9 @@ CONFIGS = {
     "galore_mini_left": ("galore_mini", {"proj_type": "left"}),
     "galore_mini_bf16_proj": ("galore_mini", {"proj_dtype": "bf16"}),
     "adam_mini": ("adam_mini", {"weight_decay": 0.1}),
+    "galore_adamw": ("galore", {}),
+    "galore_adamw_power_bf16_decay": ("galore", {"proj_method": "power", "proj_dtype": "bf16", "weight_decay": 0.1}),
+    "galore_adamw_no_bias_correction_project": ("galore", {"correct_bias": False, "moment_policy": "project"}),
 }
 
 
@@ -78,11 +81,19 @@ def test_multi_tensor_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert calls == [sum(1 for _ in models[0].parameters())]
 
 
-@pytest.mark.parametrize("options", [{"approach": 1}, {"approach": 2}, {"moment_bits": 8, "min_8bit_size": 64},
-                                     {"state_dtype": "bf16"}])
-def test_ineligible_options_fall_back_to_the_reference_path(options):
+@pytest.mark.parametrize("groups_for, cls, options", [
+    ("galore_mini", gm.GaLoreMini, {"approach": 1}),
+    ("galore_mini", gm.GaLoreMini, {"approach": 2}),
+    ("galore_mini", gm.GaLoreMini, {"moment_bits": 8, "min_8bit_size": 64}),
+    ("galore_mini", gm.GaLoreMini, {"state_dtype": "bf16"}),
+    ("galore_mini", gm.GaLoreMini, {"foreach": False}),
+    ("galore", gm.GaLoreAdamW8bit, {"min_8bit_size": 64}),
+    ("galore", gm.GaLoreAdamW, {"foreach": False}),
+    ("galore", gm.GaLoreAdafactor, {"lr": 1e-2, "relative_step": False}),
+])
+def test_ineligible_options_fall_back_to_the_reference_path(groups_for, cls, options):
     model = tiny_llama(hidden=32, intermediate=64)
-    opt = gm.GaLoreMini(gm.param_groups(model, "galore_mini", rank=8), lr=1e-2, **options)
+    opt = cls(gm.param_groups(model, groups_for, rank=8), **options)
     projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
     assert all(opt._multi_tensor_layout(p, opt._group_of(p)) is None for p in projected)
 

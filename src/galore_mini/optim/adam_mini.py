@@ -50,7 +50,10 @@ class AdamMini(ComposedOptimizer):
         return super()._allowed_keys() - {"rank"} - set(PROJECTION_DEFAULTS)
 
     def _multi_tensor_layout(self, p, group):
-        return multi_tensor.layout_if_eligible(self, p, group)
+        return multi_tensor.block_layout_if_eligible(self, p, group)
+
+    def _multi_tensor_step(self, items, steps):
+        multi_tensor.block_adam_step(self, items, steps)
 
     def _state_layout(self, shape, work_shape, group):
         layout = self._moment("exp_avg", shape, group)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim import multi_tensor, quant
+from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
 from galore_mini.optim.projection import (
     PROJ_METHODS,
@@ -393,9 +393,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     continue
                 grad = self._checked_grad(p)
                 layout = self._multi_tensor_layout(p, group)
-                norms = layout.block_norms(grad) if layout is not None else None
-                work.append((p, grad, group, layout if norms is not None else None, norms))
-        # the multi-tensor path's block norms are its finiteness probe too: the gradient is read once
+                norms = None
+                if layout is not None and layout.kind != "elementwise":
+                    norms = layout.block_norms(grad)
+                    layout = layout if norms is not None else None
+                work.append((p, grad, group, layout, norms))
+        # block norms feeding v are also the finiteness probe, so such a gradient is read once
         flags = self._finite_flags([norms if norms is not None else grad for _, grad, _, _, norms in work])
         ready = [item for item, ok in zip(work, flags) if self._admit(item[:3], ok)]
         steps = self._next_steps(ready)
@@ -408,13 +411,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 fast.append(item)
                 fast_steps.append(t)
         if fast:
-            multi_tensor.block_adam_step(self, fast, fast_steps)
+            self._multi_tensor_step(fast, fast_steps)
         return loss
 
     def _multi_tensor_layout(self, p: torch.Tensor, group: dict) -> BlockLayout | None:
-        """The block layout when `p` takes the multi-tensor path (:mod:`.multi_tensor`); None: the
-        single-tensor reference path. Optimizers of the block-Adam family opt in."""
+        """`p`'s second-moment block layout when it takes this optimizer's multi-tensor path
+        (:mod:`.multi_tensor`), None for the single-tensor reference path. Optimizers opt in by
+        overriding this and :meth:`_multi_tensor_step`."""
         return None
+
+    def _multi_tensor_step(self, items: list[tuple], steps: list[int]) -> None:
+        """Update ``items`` — ``(param, grad, group, layout, block norms)`` — at their steps `steps`."""
+        raise NotImplementedError
 
     @staticmethod
     def _finite_flags(probes: list[torch.Tensor]) -> list[bool]:

@@ -35,6 +35,7 @@ import math
 import torch
 
 from galore_mini.errors import UsageError
+from galore_mini.optim import multi_tensor
 from galore_mini.optim.core import ComposedOptimizer, ParamStep
 
 
@@ -44,7 +45,8 @@ class GaLoreAdamW(ComposedOptimizer):
     Args: ``lr``, ``betas``, ``eps`` (added to √V before bias correction),
     ``weight_decay`` (decoupled, applied after the update), ``correct_bias``,
     ``nonfinite`` (``"skip"`` or ``"raise"``), ``state_dtype`` (moments' dtype,
-    fp32 by default). Per-group projection options: ``rank``,
+    fp32 by default), ``foreach`` (``False``: the single-tensor reference path instead of the
+    multi-tensor step). Per-group projection options: ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``, ``proj_method``,
     ``moment_policy``, ``adaptive_gap`` (+ ``gap_threshold``, ``gap_growth``,
     ``gap_window``, ``max_gap``), ``proj_dtype``.
@@ -56,9 +58,9 @@ class GaLoreAdamW(ComposedOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True, *, nonfinite: str = "skip",
-                 state_dtype=None, **projection_defaults):
+                 state_dtype=None, foreach: bool | None = None, **projection_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, nonfinite=nonfinite, state_dtype=state_dtype)
+                        correct_bias=correct_bias, nonfinite=nonfinite, state_dtype=state_dtype, foreach=foreach)
         defaults.update(self._extra_defaults)
         super().__init__(params, defaults, projection_defaults)
 
@@ -69,6 +71,12 @@ class GaLoreAdamW(ComposedOptimizer):
 
     def _low_rank_moment_keys(self, group):
         return ["exp_avg", "exp_avg_sq"]
+
+    def _multi_tensor_layout(self, p, group):
+        return multi_tensor.elementwise_if_eligible(p, group) if self.moment_bits == 32 else None
+
+    def _multi_tensor_step(self, items, steps):
+        multi_tensor.adam_step(self, items, steps)
 
     def _update(self, ps: ParamStep):
         beta1, beta2 = ps.group["betas"]

@@ -104,7 +104,10 @@ class GaLoreMini(ComposedOptimizer):
                              "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
 
     def _multi_tensor_layout(self, p, group):
-        return multi_tensor.layout_if_eligible(self, p, group)
+        return multi_tensor.block_layout_if_eligible(self, p, group)
+
+    def _multi_tensor_step(self, items, steps):
+        multi_tensor.block_adam_step(self, items, steps)
 
     def _v_layout(self, shape, group) -> BlockLayout:
         layout = self._block_layout(shape, group)

@@ -1,4 +1,4 @@
-"""The multi-tensor step of the block-second-moment Adam family (Adam-mini, GaLore-mini approach 3).
+"""Multi-tensor steps: Adam-mini and GaLore-mini (approach 3) with block ``v``; GaLore-AdamW.
 
 The single-tensor path (:meth:`ComposedOptimizer._step_param` calling an optimizer's ``_update``) is
 the reference: one small composition per parameter, about 25 tensor operations each. On a GPU each
@@ -17,9 +17,15 @@ For each parameter ``p`` of a group, with gradient ``G``, blocks ``b``, step ``t
 * ``d_b = 1 / (√v_b/√(1-β2ᵗ) + ε)``;
 * ``p ← p(1-ηλ) - η/(1-β1ᵗ)·α·back(M)·d`` through :meth:`ComposedOptimizer._apply`, the same tail as
   the reference path (the multiplier is folded into the small factor of a projected update).
+
+GaLore-AdamW's step (:func:`adam_step`) is the same batching of its elementwise moments in the
+low-rank space: ``M``, ``V`` and ``N = M/(√V+ε)`` by foreach operations, then the shared tail; its
+probe is the gradient itself (one multi-tensor norm over all gradients).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,54 +33,69 @@ from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.projection import back_factors, project, resolve_side
 
 
-def layout_if_eligible(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
-    """The block layout when `p` may take the multi-tensor path, else None.
+def _fp32_moments(group: dict) -> bool:
+    """The group lets the multi-tensor path run: not ``foreach=False``, moments stored in fp32."""
+    return (group.get("foreach") is not False and group.get("moment_bits", 32) == 32
+            and group.get("state_dtype") in (None, "fp32", "float32", torch.float32))
 
-    Eligible: the group has not set ``foreach=False``, moments are stored in fp32 (no 8-bit or
-    bf16 state), the block layout is not elementwise, and (GaLore-mini) the approach is 3.
-    """
-    if group.get("foreach") is False or group.get("moment_bits", 32) != 32:
-        return None
-    if group.get("state_dtype") not in (None, "fp32", "float32", torch.float32):
-        return None
-    if "rank" in group and group.get("approach", 3) != 3:
+
+def block_layout_if_eligible(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
+    """For Adam-mini / GaLore-mini: the block layout when `p` may take :func:`block_adam_step`, else
+    None. Needs fp32 moments, a layout that is not elementwise and (GaLore-mini) approach 3."""
+    if not _fp32_moments(group) or ("rank" in group and group.get("approach", 3) != 3):
         return None
     layout = optimizer._block_layout(p.shape, group)
     return None if layout.kind == "elementwise" else layout
 
 
-def block_adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
-    """Update every parameter in `items` — ``(param, grad, group, layout, norms)`` — at its step `t`.
+def elementwise_if_eligible(p: torch.Tensor, group: dict) -> BlockLayout | None:
+    """For GaLore-AdamW: an elementwise layout (no block norms) when `p` may take :func:`adam_step`."""
+    return BlockLayout("elementwise", tuple(p.shape)) if _fp32_moments(group) else None
 
-    States must already exist (and projectors be refreshed for this step). Parameters are batched by
-    param group, since betas, eps, lr and weight decay are per group.
-    """
+
+def _by_group(items: list[tuple], steps: list[int]) -> list[list[tuple]]:
+    """`items` with their step appended, batched by param group (betas, eps, lr, decay are per group)."""
     by_group: dict[int, list[tuple]] = {}
     for item, t in zip(items, steps):
         by_group.setdefault(id(item[2]), []).append((*item, t))
-    for entries in by_group.values():
-        _group_step(optimizer, entries)
+    return list(by_group.values())
 
 
-def _group_step(optimizer, entries: list[tuple]) -> None:
+def _start(optimizer, entries: list[tuple]):
+    """The entries' states (step counters advanced), projection sides and low-rank gradients."""
+    group = entries[0][2]
+    states = [optimizer.state[p] for p, *_ in entries]
+    torch._foreach_add_([state["step"] for state in states], 1.0)
+    projected = "rank" in group
+    sides = [resolve_side(group["proj_type"], p.shape) if projected else None for p, *_ in entries]
+    low = [project(e[1], state, side) if side else e[1] for e, state, side in zip(entries, states, sides)]
+    return states, sides, low
+
+
+def _ema(buffers: list[torch.Tensor], values: list[torch.Tensor], beta: float) -> None:
+    torch._foreach_mul_(buffers, beta)
+    torch._foreach_add_(buffers, values, alpha=1.0 - beta)
+
+
+def block_adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
+    """Update every parameter in `items` — ``(param, grad, group, layout, norms)`` — at its step `t`.
+    States must already exist (and projectors be refreshed for this step)."""
+    for entries in _by_group(items, steps):
+        _block_group_step(optimizer, entries)
+
+
+def _block_group_step(optimizer, entries: list[tuple]) -> None:
     group = entries[0][2]
     beta1, beta2 = group["betas"]
     correct = group.get("correct_bias", True)
-    states = [optimizer.state[p] for p, *_ in entries]
-    torch._foreach_add_([state["step"] for state in states], 1.0)
+    states, sides, low = _start(optimizer, entries)
 
     squares = torch._foreach_mul([e[4] for e in entries], [e[4] for e in entries])
     torch._foreach_div_(squares, [float(e[3].block_numel()) for e in entries])
     second = [state["exp_avg_sq"] for state in states]
-    torch._foreach_mul_(second, beta2)
-    torch._foreach_add_(second, squares, alpha=1.0 - beta2)
-
-    projected = "rank" in group
-    sides = [resolve_side(group["proj_type"], p.shape) if projected else None for p, *_ in entries]
-    low = [project(e[1], state, side) if side else e[1] for e, state, side in zip(entries, states, sides)]
+    _ema(second, squares, beta2)
     first = [state["exp_avg"] for state in states]
-    torch._foreach_mul_(first, beta1)
-    torch._foreach_add_(first, low, alpha=1.0 - beta1)
+    _ema(first, low, beta1)
     del low
 
     steps = [e[5] for e in entries]
@@ -83,8 +104,32 @@ def _group_step(optimizer, entries: list[tuple]) -> None:
     torch._foreach_add_(inverse, group["eps"])
     torch._foreach_reciprocal_(inverse)
 
-    scale = group["scale"] if projected else 1.0
+    scale = group["scale"] if "rank" in group else 1.0
     for (p, _, _, layout, _, t), state, side, m, d in zip(entries, states, sides, first, inverse):
         bc1 = 1.0 - beta1 ** t if correct else 1.0
         direction = back_factors(m, state, side) if side else m
         optimizer._apply(p, group, direction, group["lr"] / bc1 * scale, layout.expand(d))
+
+
+def adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
+    """GaLore-AdamW's update of every parameter in `items` (norms unused) at its step `t`."""
+    for entries in _by_group(items, steps):
+        group = entries[0][2]
+        beta1, beta2 = group["betas"]
+        correct = group.get("correct_bias", True)
+        states, sides, low = _start(optimizer, entries)
+        first = [state["exp_avg"] for state in states]
+        _ema(first, low, beta1)
+        second = [state["exp_avg_sq"] for state in states]
+        torch._foreach_mul_(second, beta2)
+        torch._foreach_addcmul_(second, low, low, value=1.0 - beta2)
+        del low
+        denominators = torch._foreach_sqrt(second)
+        torch._foreach_add_(denominators, group["eps"])
+        normalized = torch._foreach_div(first, denominators)
+        del denominators
+        scale = group["scale"] if "rank" in group else 1.0
+        for (p, *_, t), state, side, n in zip(entries, states, sides, normalized):
+            bc1, bc2 = (1.0 - beta1 ** t, 1.0 - beta2 ** t) if correct else (1.0, 1.0)
+            direction = back_factors(n, state, side) if side else n
+            optimizer._apply(p, group, direction, group["lr"] * math.sqrt(bc2) / bc1 * scale)
