@@ -36,8 +36,8 @@ VIEW_OPS = {"aten::view", "aten::reshape", "aten::t", "aten::transpose", "aten::
             "aten::permute", "aten::unbind", "aten::split", "aten::chunk", "aten::narrow", "aten::lift_fresh",
             "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::to", "aten::_to_copy_noop",
             "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type"}
-KEYS = ("adamw_fused", "adamw_foreach", "galore_torch", "adam_mini_pkg", "apollo", "adam_mini", "adam_mini_single",
-        "galore_mini_power_bf16", "galore_mini_power_bf16_single")
+KEYS = ("adamw_fused", "adamw_foreach", "galore_torch", "adam_mini_pkg", "apollo", "pto_galore", "galore",
+        "galore_single", "adam_mini", "adam_mini_single", "galore_mini_power_bf16", "galore_mini_power_bf16_single")
 
 
 def count_ops(step) -> tuple[int, int]:

@@ -109,6 +109,7 @@ def entries(model, args) -> list[Entry]:
             projected=method != "adam_mini", slow_refresh=options.get("proj_method", "svd") == "svd"))
 
     ours("galore", "ours GaLoreAdamW (svd)", "galore")
+    ours("galore_single", "ours GaLoreAdamW (svd, single-tensor path)", "galore", foreach=False)
     ours("galore_power", "ours GaLoreAdamW (power)", "galore", proj_method="power")
     ours("galore_power_bf16", "ours GaLoreAdamW (power, bf16 proj)", "galore", proj_method="power",
          proj_dtype="bf16")

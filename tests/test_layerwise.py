@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import galore_mini as gm
+from galore_mini.errors import UsageError
 from conftest import batches, tiny_llama
 from galore_mini.optim.layerwise import LayerwiseUpdates, layerwise
 
@@ -236,24 +237,54 @@ def test_activation_checkpointing_counts_one_micro_batch_per_backward(reentrant)
     _assert_same(ref, lw)
 
 
-def test_grads_freed_keep_peak_memory_low():
-    """After each layer's update its gradient is gone: never more than a layer's worth alive with the update."""
+@pytest.mark.parametrize("bucket_bytes", [0, 20_000])
+def test_grads_freed_keep_peak_memory_low(bucket_bytes):
+    """Gradients are freed as soon as their bucket is stepped: never more than `bucket_bytes` of them alive
+    (bucket_bytes=0: each is gone right after its own update)."""
     model = tiny_llama(layers=4)
     opt = _make("galore_mini", model)
-    alive = []
+    alive_bytes, calls = [], []
+    inner = opt.step_params
+    opt.step_params = lambda params: (calls.append(len(params)), inner(params))
 
     def spy(p):
-        alive.append(sum(q.grad is not None for q in model.parameters()))
+        alive_bytes.append(sum(q.grad.numel() * q.grad.element_size() for q in model.parameters()
+                               if q.grad is not None))
 
-    handle = layerwise(model, opt)
+    handle = layerwise(model, opt, bucket_bytes=bucket_bytes)
     hooks = [p.register_post_accumulate_grad_hook(spy) for p in model.parameters()]  # runs after ours
     ids = _micro_batches(1, 1)[0]
     model(input_ids=ids, labels=ids).loss.backward()
     n = len(list(model.parameters()))
-    assert len(alive) == n and max(alive) == 0
+    assert len(alive_bytes) == n and sum(calls) == n
+    assert max(alive_bytes) < max(bucket_bytes, 1)
+    assert all(p.grad is None for p in model.parameters())
+    if bucket_bytes:
+        assert len(calls) < n / 2  # batched: far fewer host syncs than parameters
     for h in hooks:
         h.remove()
     handle.remove()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bucket_size_does_not_change_the_result(method):
+    """One parameter at a time, small buckets, or the whole model in one bucket: bit-identical training."""
+    data = _micro_batches(4, 2)
+    results = []
+    for bucket_bytes in (0, 5_000, 1 << 40):
+        model = tiny_llama()
+        handle = layerwise(model, _make(method, model), accumulation_steps=2, max_grad_norm=0.5,
+                           bucket_bytes=bucket_bytes)
+        _layerwise(model, handle, data, 2)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_bucket_bytes_is_validated():
+    model = tiny_llama()
+    with pytest.raises(UsageError, match="bucket_bytes"):
+        layerwise(model, _make("galore_mini", model), bucket_bytes=-1)
 
 
 def test_state_dict_round_trip_resumes_exactly():
@@ -289,13 +320,14 @@ def _clip_run(scales, max_norm, seed=0):
     model = tiny_llama(seed=seed)
     opt = _make("galore_mini", model)
     seen = {}
-    inner = opt.step_param
+    inner = opt.step_params
 
-    def recording_step_param(p):
-        seen[id(p)] = p.grad.detach().clone()
-        inner(p)
+    def recording_step_params(params):
+        for p in params:
+            seen[id(p)] = p.grad.detach().clone()
+        inner(params)
 
-    opt.step_param = recording_step_param
+    opt.step_params = recording_step_params
     reference = copy.deepcopy(model)
     handle = layerwise(model, opt, max_grad_norm=max_norm)
     data = _micro_batches(len(scales), 1)

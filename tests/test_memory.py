@@ -321,8 +321,10 @@ def test_ratio_against_the_paper_claim():
 # -- gradients with layer-wise updates -------------------------------------------------------------------
 
 
-def test_layerwise_peak_held_gradient_is_the_largest():
-    """With galore_mini's layer-wise updates, the most gradient bytes ever held in .grad is one gradient."""
+@pytest.mark.parametrize("bucket_bytes", [0, 300_000, None])
+def test_layerwise_peak_held_gradients_match_the_estimate(bucket_bytes):
+    """The most gradient bytes ever held in .grad under layer-wise updates equals the estimate: one gradient
+    with bucket_bytes=0, a bucket's worth otherwise (tiny's whole model fits in the default bucket)."""
     from galore_mini.optim.layerwise import layerwise
 
     model = build_model("tiny", dtype=torch.bfloat16)
@@ -335,17 +337,42 @@ def test_layerwise_peak_held_gradient_is_the_largest():
 
     for p in params:
         p.register_post_accumulate_grad_hook(record)
-    handle = layerwise(model, gm.create_optimizer(model, "galore_mini", rank=32))
+    options = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    handle = layerwise(model, gm.create_optimizer(model, "galore_mini", rank=32), **options)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     handle.remove()
-    e = estimate("tiny", "galore_mini", rank=32, dtype="bf16", layerwise=True)
-    assert peak[0] == e.gradient_bytes == 2 * 8192 * 128 < e.all_gradient_bytes
+    e = estimate("tiny", "galore_mini", rank=32, dtype="bf16", layerwise=True, **options)
+    assert peak[0] == e.gradient_bytes
+    if bucket_bytes == 0:
+        assert e.gradient_bytes == e.largest_gradient_bytes == 2 * 8192 * 128 < e.all_gradient_bytes
+    elif bucket_bytes:
+        assert e.largest_gradient_bytes < e.gradient_bytes < e.all_gradient_bytes
+    else:
+        assert e.gradient_bytes == e.all_gradient_bytes
+
+
+def test_backward_order_is_what_autograd_does():
+    from galore_mini.train.memory import backward_order
+
+    model = build_model("tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda q: seen.append(names[id(q)]))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    registered = [n for n, _ in model.named_parameters()]
+    assert [registered[i] for i in backward_order(registered)] == seen
 
 
 def test_layerwise_counts_the_largest_gradient():
+    # 64 MiB buckets at 7B: the embedding's gradient, stepped with layer 0's input norm (8 KiB) before it
     e = estimate("llama_7b", "galore_mini", rank=1024, dtype="bf16", layerwise=True)
-    assert e.gradient_bytes == e.largest_gradient_bytes == 2 * 32000 * 4096
+    assert e.largest_gradient_bytes == 2 * 32000 * 4096
+    assert e.gradient_bytes == e.largest_gradient_bytes + 2 * 4096
+    assert estimate("llama_7b", "galore_mini", rank=1024, dtype="bf16", layerwise=True,
+                    bucket_bytes=0).gradient_bytes == e.largest_gradient_bytes
     assert e.all_gradient_bytes == 2 * e.params
     assert e.total_bytes == e.weights_bytes + e.gradient_bytes + e.optimizer_bytes
 

@@ -24,6 +24,10 @@ CONFIGS = {
 }
 
 
+def _group(opt, p):
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
 def _pair(method, options, model_dtype=torch.float32, kv_heads=None):
     models, opts = [], []
     for foreach in (True, False):
@@ -95,7 +99,7 @@ def test_ineligible_options_fall_back_to_the_reference_path(groups_for, cls, opt
     model = tiny_llama(hidden=32, intermediate=64)
     opt = cls(gm.param_groups(model, groups_for, rank=8), **options)
     projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
-    assert all(opt._multi_tensor_layout(p, opt._group_of(p)) is None for p in projected)
+    assert all(opt._multi_tensor_layout(p, _group(opt, p)) is None for p in projected)
 
 
 def test_elementwise_override_falls_back_only_for_that_group():
@@ -103,9 +107,9 @@ def test_elementwise_override_falls_back_only_for_that_group():
     groups = gm.param_groups(model, "galore_mini", rank=8, overrides={r"embed|lm_head": {"block": "elementwise"}})
     opt = gm.GaLoreMini(groups, lr=1e-2)
     embed = model.model.embed_tokens.weight
-    assert opt._multi_tensor_layout(embed, opt._group_of(embed)) is None
+    assert opt._multi_tensor_layout(embed, _group(opt, embed)) is None
     q = model.model.layers[0].self_attn.q_proj.weight
-    assert opt._multi_tensor_layout(q, opt._group_of(q)) is not None
+    assert opt._multi_tensor_layout(q, _group(opt, q)) is not None
 
 
 def test_bf16_parameters_match_reference():

@@ -386,18 +386,45 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_items([(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None])
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params: list[torch.Tensor]) -> None:
+        """Update these parameters now, as one batch (layer-wise updates call it inside backward).
+
+        Each call costs one host synchronisation (the finiteness check) and batches its parameters on
+        the multi-tensor path, so a few parameters at a time cost less than one at a time.
+        """
+        self._step_items([(p, self._group_of(p)) for p in params if p.grad is not None])
+
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update one parameter now."""
+        self.step_params([p])
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        # cached: layer-wise updates ask for every parameter every step; rebuilt when groups change
+        cache = getattr(self, "_group_cache", None)
+        if cache is None or cache[0] is not self.param_groups or cache[1] != len(self.param_groups) \
+                or id(p) not in cache[2]:
+            cache = (self.param_groups, len(self.param_groups),
+                     {id(q): group for group in self.param_groups for q in group["params"]})
+            self._group_cache = cache
+        group = cache[2].get(id(p))
+        if group is None:
+            raise UsageError("this parameter is not managed by the optimizer")
+        return group
+
+    def _step_items(self, items: list[tuple[torch.Tensor, dict]]) -> None:
         work = []  # (param, grad, group, block layout or None, block norms or None)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = self._checked_grad(p)
-                layout = self._multi_tensor_layout(p, group)
-                norms = None
-                if layout is not None and layout.kind != "elementwise":
-                    norms = layout.block_norms(grad)
-                    layout = layout if norms is not None else None
-                work.append((p, grad, group, layout, norms))
+        for p, group in items:
+            grad = self._checked_grad(p)
+            layout = self._multi_tensor_layout(p, group)
+            norms = None
+            if layout is not None and layout.kind != "elementwise":
+                norms = layout.block_norms(grad)
+                layout = layout if norms is not None else None
+            work.append((p, grad, group, layout, norms))
         # block norms feeding v are also the finiteness probe, so such a gradient is read once
         flags = self._finite_flags([norms if norms is not None else grad for _, grad, _, _, norms in work])
         ready = [item for item, ok in zip(work, flags) if self._admit(item[:3], ok)]
@@ -412,7 +439,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 fast_steps.append(t)
         if fast:
             self._multi_tensor_step(fast, fast_steps)
-        return loss
 
     def _multi_tensor_layout(self, p: torch.Tensor, group: dict) -> BlockLayout | None:
         """`p`'s second-moment block layout when it takes this optimizer's multi-tensor path
@@ -499,20 +525,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 for i, (p, _, _, state, t) in enumerate(chunk):
                     self._install_projector(p, group, state, side, t, {k: v[i] for k, v in new.items()},
                                             had_projector)
-
-    def step_param(self, p: torch.Tensor) -> None:
-        """Update one parameter now (used by layer-wise updates inside backward)."""
-        group = self._group_of(p)
-        g = self._checked_grad(p)
-        if self._admit((p, g, group), self._finite_flags([g])[0]):
-            with torch.no_grad():
-                self._step_param(p, g, group)
-
-    def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise UsageError("this parameter is not managed by the optimizer")
 
     def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
         grad = p.grad

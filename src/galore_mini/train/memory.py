@@ -23,9 +23,13 @@ low-rank shape ``L`` is r×n (left side), m×r (right) or r×r (``full``)):
   rotary tables are not parameters and are not counted);
 * gradients ``Σ N(p)·d`` over trainable parameters (torch keeps gradients in
   the parameter dtype); with ``layerwise=True`` (``galore_mini.layerwise``:
-  each gradient is consumed and freed inside ``backward()``) the figure is the
-  largest single gradient ``max N(p)·d`` — a lower bound, since autograd may
-  briefly hold a few at once;
+  gradients are consumed and freed inside ``backward()`` in buckets of
+  ``bucket_bytes``) the figure is the most gradient bytes held at once, with
+  gradients arriving in backward order (:func:`layerwise_held_bytes`). At 7B
+  scale with the default 64 MiB buckets that is the largest single gradient
+  ``max N(p)·d`` (the embedding's) plus the 8 KiB norm gradient that shares its
+  bucket; with ``bucket_bytes=0`` it is the largest gradient alone. It is a lower
+  bound, since autograd may briefly hold a gradient that is not yet accumulated;
 * optimizer state, per trainable parameter, exactly the tensors of
   ``docs/optimizer-state.md``:
 
@@ -84,6 +88,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -91,6 +96,7 @@ import torch
 from torch import nn
 
 from galore_mini.errors import UsageError
+from galore_mini.optim.layerwise import DEFAULT_BUCKET_BYTES
 from galore_mini.train.model import MODEL_CONFIGS
 
 OPTIMIZER_METHODS = ("full", "adam_mini", "galore", "galore_mini", "galore_mini_a1", "galore_mini_a2",
@@ -488,7 +494,7 @@ class MemoryEstimate:
 
     ``projected_params``: entries of the weights GaLore projects, or of the adapters / factors
     (``low_rank``, ``lora``, ``relora``). ``gradient_bytes`` is what the chosen mode holds: all
-    gradients, or with ``layerwise`` the largest single one; ``all_gradient_bytes`` and
+    gradients, or with ``layerwise`` the most held at once (:func:`layerwise_held_bytes`); ``all_gradient_bytes`` and
     ``largest_gradient_bytes`` give both. ``optimizer_parts`` splits ``optimizer_bytes`` by part,
     ``optimizer_by_key`` by state key (the keys :func:`optimizer_state_breakdown` reports),
     ``optimizer_by_role`` by where the parameter sits (``attention``, ``mlp``, ``embedding``,
@@ -544,7 +550,7 @@ class MemoryEstimate:
             return f"  {label:<17} {_gib(value):>10} GiB {value:>17,} B{note}"
 
         lines.append(row("weights", self.weights_bytes))
-        note = "  (layer-wise: largest single gradient)" if self.layerwise else ""
+        note = "  (layer-wise: the most held at once, in buckets)" if self.layerwise else ""
         lines.append(row("gradients", self.gradient_bytes, note))
         lines.append(row("optimizer state", self.optimizer_bytes))
         for part in STATE_PARTS:
@@ -613,11 +619,51 @@ def default_rank(model) -> int:
     return DEFAULT_RANKS.get(model, FALLBACK_RANK) if isinstance(model, str) else FALLBACK_RANK
 
 
+_LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)$")
+# the order a Llama block uses its parameters in the forward pass
+_LAYER_FORWARD = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def backward_order(names: list[str]) -> list[int]:
+    """Indices of `names` in the order autograd finishes their gradients: the reverse of their use in
+    the forward pass (Llama layout: output layer, final norm, then each block from the last, down, up,
+    gate, post-attention norm, o, v, k, q, input norm, and the embedding last). Names outside that
+    layout fall back to the reverse of registration order for all."""
+    keys = []
+    for index, name in enumerate(names):
+        layer = _LAYER_PARAM.search(name)
+        if "embed_tokens" in name:
+            keys.append((0, 0, 0, index))
+        elif layer and layer.group(2) in _LAYER_FORWARD:
+            keys.append((1, int(layer.group(1)), _LAYER_FORWARD.index(layer.group(2)), index))
+        elif name.endswith("norm.weight") and not layer:
+            keys.append((2, 0, 0, index))
+        elif "lm_head" in name:
+            keys.append((3, 0, 0, index))
+        else:
+            return list(range(len(names)))[::-1]
+    return sorted(range(len(names)), key=lambda i: keys[i], reverse=True)
+
+
+def layerwise_held_bytes(grad_bytes: list[int], names: list[str], bucket_bytes: int) -> int:
+    """The most gradient bytes held at once under layer-wise updates: gradients arrive in
+    :func:`backward_order`, and a bucket is stepped and freed once it holds ``bucket_bytes`` or more
+    (``0``: each gradient alone, so the largest single gradient)."""
+    peak = held = 0
+    for index in backward_order(names):
+        held += grad_bytes[index]
+        peak = max(peak, held)
+        if held >= bucket_bytes:
+            held = 0
+    return peak
+
+
 def estimate(model_or_config, method: str = "galore_mini", rank: int | None = None, dtype=None, *,
              state_dtype=None, proj_dtype=None, proj_type: str = "std", layerwise: bool = False,
              batch_size: int | None = None, seq_len: int | None = None, min_8bit_size: int = MIN_8BIT_SIZE,
              adaptive_gap: bool = False, gap_window: int = 5, vocab_size: int | None = None,
-             adapter_dtype=None, allow_unprojected: bool = False) -> MemoryEstimate:
+             adapter_dtype=None, allow_unprojected: bool = False, bucket_bytes: int | None = None) -> MemoryEstimate:
     """Memory of training `model_or_config` with `method` (see the module docstring for every formula).
 
     `rank` defaults to the paper's rank for a named size (``DEFAULT_RANKS``), else 128; it must be below
@@ -627,7 +673,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     module None means each parameter's own dtype. `adapter_dtype`: dtype of LoRA/ReLoRA adapters; None
     means what the harness's ``peft`` does by default (``autocast_adapter_dtype``): fp32 whatever the
     weights' dtype; ``low_rank`` factors always take the weights' dtype. `batch_size` and `seq_len`
-    together add activations.
+    together add activations. `bucket_bytes` (with `layerwise`): the layer-wise bucket size; None means
+    :func:`galore_mini.layerwise`'s default for this method.
     Bad input raises :class:`~galore_mini.errors.UsageError`.
     """
     if method not in METHODS:
@@ -687,6 +734,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     # (numel, bytes) of every tensor that exists and of every trainable one
     weights: list[tuple[int, int]] = []
     trainable: list[tuple[int, int]] = []
+    trainable_names: list[str] = []
     per_param_state: list[dict[str, tuple[int, int]]] = []
     roles: list[str] = []  # the role group of each entry of per_param_state
     projected_params = 0
@@ -705,6 +753,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
             for numel in factors:
                 weights.append((numel, numel * factor_size))
                 trainable.append((numel, numel * factor_size))
+                trainable_names.append(spec.name)
                 per_param_state.append(_adamw_state(numel, factor_size))
                 roles.append(_role_group(spec.role))
             continue
@@ -712,6 +761,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
         if not spec.trainable:
             continue
         trainable.append((spec.numel, nbytes(spec, spec.numel)))
+        trainable_names.append(spec.name)
         roles.append(_role_group(spec.role))
         if method in ADAPTER_METHODS:
             per_param_state.append(_adamw_state(spec.numel, size))
@@ -732,7 +782,12 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     optimizer_bytes = sum(by_key.values())
     all_grads = sum(b for _, b in trainable)
     largest = max((b for _, b in trainable), default=0)
-    held = largest if layerwise else all_grads
+    if layerwise:
+        if bucket_bytes is None:  # what galore_mini.layerwise does: plain torch optimizers go one at a time
+            bucket_bytes = 0 if method in _TORCH_ADAMW else DEFAULT_BUCKET_BYTES
+        held = layerwise_held_bytes([b for _, b in trainable], trainable_names, bucket_bytes)
+    else:
+        held = all_grads
     activations = None
     if batch_size is not None:
         if config is None or _field(config, "intermediate_size") is None:
@@ -881,7 +936,7 @@ def register(subparsers) -> None:
     p.add_argument("--proj-dtype", default=None, help="projector dtype for the GaLore family (default: fp32)")
     p.add_argument("--adapter-dtype", default=None, help="LoRA/ReLoRA adapter dtype (default: fp32, as peft keeps them)")
     p.add_argument("--proj-type", default="std", help="GaLore projection side: std, reverse_std, left, right, full")
-    p.add_argument("--layerwise", action="store_true", help="layer-wise updates: count only the largest gradient")
+    p.add_argument("--layerwise", action="store_true", help="layer-wise updates: count the gradients held at once (default 64 MiB buckets)")
     p.add_argument("--batch-size", type=int, default=None, help="add activations for this batch size …")
     p.add_argument("--seq-len", type=int, default=None, help="… and sequence length")
     p.add_argument("--json", action="store_true", help="print one JSON object")
