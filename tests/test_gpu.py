@@ -47,7 +47,31 @@ def test_cuda_multi_tensor_matches_single_tensor(proj_dtype):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_cuda_layerwise_buckets_match_ordinary_step():
+    from conftest import batches, tiny_llama
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    data = batches(vocab=128, n=3, batch=2, seq=12)
+    models = [tiny_llama().cuda() for _ in range(2)]
+    opts = [gm.create_optimizer(m, "galore_mini", lr=1e-2, rank=4, update_proj_gap=2) for m in models]
+    handle = gm.layerwise(models[1], opts[1], bucket_bytes=4096)
+    for ids in data:
+        ids = ids.cuda()
+        models[0](input_ids=ids, labels=ids).loss.backward()
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        models[1](input_ids=ids, labels=ids).loss.backward()
+    handle.remove()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__":
+    try:
+        test_cuda_layerwise_buckets_match_ordinary_step()
+        print("ok layer-wise buckets")
+    except AssertionError as exc:
+        print("FAIL layer-wise buckets", str(exc).splitlines()[:4])
     for proj_dtype in ("float32", "bf16"):
         try:
             test_cuda_multi_tensor_matches_single_tensor(proj_dtype)
