@@ -102,8 +102,8 @@ NOTES = """\
   come out ahead.
 * galore-torch's GaLoreAdamW, AdamW and Adam-mini are also matched in `tests/` (parity to fp32 round-off).
 * The GPU section was measured on an H100 before the multi-tensor step (`galore_mini/optim/multi_tensor.py`)
-  existed, when the single-tensor path issued 4,113 device operations per step at LLaMA-1B's parameter count
-  (now 1,615, see "Host cost"); it is not yet re-measured. Re-run `bench/gpu.py` on a GPU to update it."""
+  existed, when GaLore-mini's step issued 4,328 device operations at LLaMA-1B's parameter count (`bench/launches.py`
+  on commit 6b14a61; now 1,615, see "Host cost"); it is not yet re-measured. Re-run `bench/gpu.py` on a GPU to update it."""
 
 
 def _when(report: dict) -> str:

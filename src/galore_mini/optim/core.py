@@ -201,7 +201,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
     Subclasses set ``defaults`` and implement ``_state_layout`` and ``_update(ps)``, which returns
     ``(direction, step_size)`` or ``(direction, step_size, multiplier)``: the parameter moves by
     ``-step_size · direction [· multiplier]``, the multiplier a small tensor broadcast over blocks
-    (so no full-size quotient is ever formed).
+    (so no full-size quotient is ever formed). ``_update`` is the single-tensor reference; a subclass
+    may add a multi-tensor step of the same arithmetic (``_multi_tensor_layout`` and
+    ``_multi_tensor_step``, see :mod:`.multi_tensor`), which tests hold to the reference bit for bit.
     """
 
     #: weight decay applied before the update (AdamW/Adam-mini) or after it (galore-torch)
