@@ -67,7 +67,7 @@ class BlockLayout:
             return 1
         return sum(count for count, _ in self.runs)
 
-    @property
+    @functools.cached_property
     def uniform(self) -> bool:
         return len({size for _, size in self.runs}) <= 1
 
