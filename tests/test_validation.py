@@ -113,6 +113,29 @@ def test_nonfinite_raise_policy():
         opt.step()
 
 
+@pytest.mark.parametrize("cls", [gm.GaLoreMini, gm.GaLoreAdamW, gm.AdamMini])
+def test_nonfinite_off_checks_nothing_and_never_syncs(cls, monkeypatch):
+    """'off' behaves as torch.optim: no probe (so no host sync), a NaN gradient reaches the weight."""
+    torch.manual_seed(0)
+    w, b = _w(8, 8), torch.nn.Parameter(torch.zeros(8))
+    checked = torch.nn.Parameter(torch.zeros(8))
+    groups = [{"params": [w], **({"rank": 2} if cls is not gm.AdamMini else {})},
+              {"params": [b]}, {"params": [checked], "nonfinite": "skip"}]
+    opt = cls(groups, lr=1e-2, nonfinite="off")
+    probed = []
+    real = type(opt)._finite_flags
+    monkeypatch.setattr(type(opt), "_finite_flags", staticmethod(lambda probes: (probed.append(len(probes)),
+                                                                                   real(probes))[1]))
+    w.grad, b.grad = torch.randn(8, 8), torch.full((8,), float("nan"))
+    checked.grad = torch.full((8,), float("nan"))
+    opt.step()
+    assert probed == [1]  # only the group that asked for the check
+    assert torch.isnan(b).all() and torch.isfinite(w).all() and torch.equal(checked, torch.zeros(8))
+    assert opt.nonfinite_skips == 1
+    with pytest.raises(gm.UsageError, match="'skip', 'raise' or 'off'"):
+        cls([torch.nn.Parameter(torch.zeros(3))], nonfinite="ignore")
+
+
 def test_param_groups_errors():
     model = tiny_llama()
     with pytest.raises(gm.UsageError, match="method='adamw' is unknown"):

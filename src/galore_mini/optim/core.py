@@ -21,8 +21,9 @@ exact. Moments are fp32 whatever the parameter dtype unless a group sets
 
 Non-finite gradients follow the ``nonfinite`` option: ``"skip"`` (default)
 leaves that parameter and its state untouched for the step and counts it in
-``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``. The check costs one host
-sync per step. Parameters that take the multi-tensor path (:mod:`.multi_tensor`) are probed through
+``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``; ``"off"`` checks nothing
+(as ``torch.optim`` does: a NaN gradient reaches the weights). The check costs one host sync per step
+(per bucket with layer-wise updates); ``"off"`` avoids it, so the host can run ahead of the device. Parameters that take the multi-tensor path (:mod:`.multi_tensor`) are probed through
 their per-block gradient norms, so there a gradient whose block sum of squares overflows fp32 (|g|
 above ~1e19, where the reference path's ``v`` would become infinite) is skipped too.
 """
@@ -53,7 +54,7 @@ from galore_mini.optim.projection import (
 )
 
 MOMENT_POLICIES = ("keep", "project", "reset")
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES = ("skip", "raise", "off")
 
 # Options a group may carry when it has `rank`; filled in when missing.
 PROJECTION_DEFAULTS: dict[str, Any] = dict(
@@ -287,7 +288,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
                     raise UsageError(f"betas[{i}]={beta!r} must be in [0, 1)")
         if group.get("nonfinite", "skip") not in NONFINITE_POLICIES:
-            raise UsageError(f"nonfinite={group['nonfinite']!r}: use 'skip' or 'raise'")
+            raise UsageError(f"nonfinite={group['nonfinite']!r}: use 'skip', 'raise' or 'off'")
         if "state_dtype" in group:
             _dtype(group["state_dtype"], "state_dtype")
         for p in group["params"]:
@@ -428,7 +429,11 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 layout = layout if norms is not None else None
             work.append((p, grad, group, layout, norms))
         # block norms feeding v are also the finiteness probe, so such a gradient is read once
-        flags = self._finite_flags([norms if norms is not None else grad for _, grad, _, _, norms in work])
+        checked = [i for i, item in enumerate(work) if item[2].get("nonfinite", "skip") != "off"]
+        flags = [True] * len(work)
+        for i, ok in zip(checked, self._finite_flags([work[i][4] if work[i][4] is not None else work[i][1]
+                                                      for i in checked])):
+            flags[i] = ok
         ready = [item for item, ok in zip(work, flags) if self._admit(item[:3], ok)]
         steps = self._next_steps(ready)
         self._refresh_due(ready, steps)
@@ -459,6 +464,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         An L1 norm is non-finite iff an entry is (or the sum overflows fp32, i.e. |g| ~ 1e38/n, where
         Adam's squares would have overflowed long before); one multi-tensor reduction per device.
         """
+        if not probes:
+            return []
         by_device: dict[torch.device, list[int]] = {}
         for i, probe in enumerate(probes):
             by_device.setdefault(probe.device, []).append(i)

@@ -44,7 +44,7 @@ class GaLoreAdamW(ComposedOptimizer):
 
     Args: ``lr``, ``betas``, ``eps`` (added to √V before bias correction),
     ``weight_decay`` (decoupled, applied after the update), ``correct_bias``,
-    ``nonfinite`` (``"skip"`` or ``"raise"``), ``state_dtype`` (moments' dtype,
+    ``nonfinite`` (``"skip"``, ``"raise"`` or ``"off"``), ``state_dtype`` (moments' dtype,
     fp32 by default), ``foreach`` (``False``: the single-tensor reference path instead of the
     multi-tensor step). Per-group projection options: ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``, ``proj_method``,
