@@ -104,12 +104,21 @@ def _dtype_name(value) -> str | None:
 
 
 def _fused_low_rank_update(p: torch.Tensor, update: LowRankProduct, keep: float, alpha: float) -> bool:
-    """``p ← keep·p + alpha·a@b`` as one GEMM accumulating into fp32 `p`; False where it would be slower.
+    """``p ← keep·p + alpha·a@b`` as one GEMM with `p` as accumulator; False where that is not possible.
 
-    fp32 factors use ``addmm_`` on any device. bf16 factors need an fp32 output from bf16 inputs, which
-    CUDA's ``addmm(out_dtype=…)`` gives; CPUs lack it (there a bf16 product plus an add is faster than
-    an fp32 GEMM), so the caller multiplies out.
+    fp32 `p` with fp32 factors uses ``addmm_`` on any device. fp32 `p` with bf16 factors needs an fp32
+    output from bf16 inputs, which CUDA's ``addmm(out_dtype=…)`` gives; CPUs lack it (there a bf16
+    product plus an add is faster than an fp32 GEMM), so the caller multiplies out. bf16 `p` with bf16
+    factors is one bf16 ``addmm_`` (fp32 accumulation, one rounding into `p`), where the multiplied-out
+    path would pass over the weight five times through an fp32 copy.
     """
+    if p.dtype == torch.bfloat16:
+        if update.dtype != torch.bfloat16:
+            return False
+        p.addmm_(*update.factors(), beta=keep, alpha=alpha)
+        return True
+    if p.dtype != torch.float32:
+        return False
     if update.dtype == torch.float32:
         p.addmm_(*update.factors(), beta=keep, alpha=alpha)
         return True
@@ -577,7 +586,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if isinstance(direction, LowRankProduct):
             if multiplier is not None:
                 direction = direction.scaled(multiplier)
-            if p.dtype == torch.float32 and _fused_low_rank_update(p, direction, keep, alpha):
+            if _fused_low_rank_update(p, direction, keep, alpha):
                 return
             direction = direction.materialize()
         elif multiplier is not None:
