@@ -23,9 +23,10 @@ Non-finite gradients follow the ``nonfinite`` option: ``"skip"`` (default)
 leaves that parameter and its state untouched for the step and counts it in
 ``optimizer.nonfinite_skips``; ``"raise"`` raises ``FloatingPointError``; ``"off"`` checks nothing
 (as ``torch.optim`` does: a NaN gradient reaches the weights). The check costs one host sync per step
-(per bucket with layer-wise updates); ``"off"`` avoids it, so the host can run ahead of the device. Parameters that take the multi-tensor path (:mod:`.multi_tensor`) are probed through
-their per-block gradient norms, so there a gradient whose block sum of squares overflows fp32 (|g|
-above ~1e19, where the reference path's ``v`` would become infinite) is skipped too.
+(per bucket with layer-wise updates); ``"off"`` avoids it, so the host can run ahead of the device.
+Parameters that take the multi-tensor path (:mod:`.multi_tensor`) are probed through their per-block
+gradient norms, so there a gradient whose block sum of squares overflows fp32 (|g| above ~1e19,
+where the reference path's ``v`` would become infinite) is skipped too.
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ def _fused_low_rank_update(p: torch.Tensor, update: LowRankProduct, keep: float,
 _CUDA_OUT_DTYPE_ADDMM = [True]
 
 
+def bias_corrections(group: dict, beta1: float, beta2: float, t: int) -> tuple[float, float]:
+    """Adam's ``(1-β1ᵗ, 1-β2ᵗ)``, or ``(1, 1)`` where the group sets ``correct_bias=False``."""
+    if not group.get("correct_bias", True):
+        return 1.0, 1.0
+    return 1.0 - beta1 ** t, 1.0 - beta2 ** t
+
+
 class ParamStep:
     """One parameter's step: the parts an optimizer's ``_update`` composes.
 
@@ -165,9 +173,7 @@ class ParamStep:
         return self.group["scale"] if self.projected else 1.0
 
     def bias_corrections(self, beta1: float, beta2: float) -> tuple[float, float]:
-        if not self.group.get("correct_bias", True):
-            return 1.0, 1.0
-        return 1.0 - beta1 ** self.t, 1.0 - beta2 ** self.t
+        return bias_corrections(self.group, beta1, beta2, self.t)
 
     # moments: read as fp32 (dequantised if stored in 8 bits), updated, written back
     def _read(self, key: str, shape, signed: bool) -> torch.Tensor:
@@ -449,7 +455,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         fast, fast_steps = [], []
         for item, t in zip(ready, steps):
             if item[3] is None:
-                self._step_param(*item[:3])
+                self._step_param(*item[:3], t)
             else:
                 fast.append(item)
                 fast_steps.append(t)
@@ -553,19 +559,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} does not support complex gradients (shape {list(p.shape)})")
         return grad
 
-    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group) -> None:
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group, t: int) -> None:
+        """The single-tensor reference step at step `t` (state created and projector refreshed by the caller)."""
         # fp32 copies of low-precision gradients are made here, one parameter at a time, never all at once
         grad = grad if grad.dtype == torch.float32 else grad.float()
         state = self.state[p]
-        if not state:
-            self._init_state(p, group, state)
         state["step"] += 1
-        t = int(state["step"])
-        side = None
-        if "rank" in group:
-            side = resolve_side(group["proj_type"], p.shape)
-            if t >= int(state["refresh"][0]):
-                self._refresh(p, grad, group, state, side, t)
+        side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
         layout = self._block_layout(p.shape, group) if self.uses_blocks else None
         self._apply(p, group, *self._update(ParamStep(p, grad, state, group, t, side, layout)))
 
