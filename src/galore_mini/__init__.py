@@ -36,6 +36,10 @@ __all__ = [
 
 
 def __getattr__(name):
+    if name == "hf":  # Hugging Face Trainer integration; pulls in transformers, so only when asked for
+        import importlib
+
+        return importlib.import_module("galore_mini.hf")
     # the memory estimator pulls in the harness's model configs; load it only when asked for
     if name == "memory":
         import importlib
