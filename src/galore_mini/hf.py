@@ -267,8 +267,9 @@ def _check_layerwise_args(args: transformers.TrainingArguments) -> None:
     if args.fp16:
         raise UsageError("layer-wise updates with fp16=True are not supported: the gradient scaler unscales after "
                          "backward, but the updates happen inside it; use bf16=True (needs no scaler)")
-    if "layerwise" in str(args.optim):
-        raise UsageError(f"TrainingArguments.optim={args.optim!r} is Hugging Face's own layer-wise mode; with "
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim.endswith("layerwise"):
+        raise UsageError(f"TrainingArguments.optim={optim!r} is Hugging Face's own layer-wise mode; with "
                          "LayerwiseTrainer pick the optimizer with optimizers=gm.hf.trainer_optimizers(...) instead")
 
 
