@@ -285,3 +285,34 @@ def test_layerwise_optimizer_step_checks_the_windows_agree():
     with pytest.raises(RuntimeError, match="2 layer-wise updates happened between two optimizer.step"):
         lw.step()
     assert lw.handle.step_count == 3
+
+
+# -- the documented examples run -------------------------------------------------------------------
+
+
+def test_documented_examples_run(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "hf-trainer.md").read_text(), re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/hf-trainer.md", "exec"), namespace)  # ordinary updates, checkpoints at 2, 4
+    assert namespace["trainer"].state.global_step == 4 and (tmp_path / "out" / "checkpoint-4").is_dir()
+    first = {n: p.detach().clone() for n, p in namespace["model"].named_parameters()}
+    exec(compile(blocks[2], "docs/hf-trainer.md", "exec"), namespace)  # layer-wise, on the trained model
+    assert isinstance(hf._unwrap(namespace["trainer"].optimizer), hf.LayerwiseOptimizer)
+    assert not all(torch.equal(first[n], p) for n, p in namespace["model"].named_parameters())
+
+    exec(compile(blocks[1], "docs/hf-trainer.md", "exec"), namespace)  # the create_optimizer override
+    args = transformers.TrainingArguments(str(tmp_path / "init"), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=3e-3, report_to="none", use_cpu=True)
+    trainer = namespace["GaLoreTrainer"](model_init=lambda: tiny_llama(), args=args,
+                                         train_dataset=namespace["data"])
+    trainer.train()
+    inner = hf._unwrap(trainer.optimizer)
+    assert type(inner) is gm.GaLoreMini and inner.param_groups[0]["initial_lr"] == 3e-3
+    assert {int(s["step"]) for s in inner.state.values()} == {2}
+
