@@ -234,8 +234,9 @@ def test_layerwise_trainer_equals_layerwise_loop(tmp_path):
     opt = _reference_optimizer(ref, args, "galore_mini")
     sched = _scheduler(args, opt)
     handle = gm.layerwise(ref, opt, accumulation_steps=2, max_grad_norm=args.max_grad_norm)
-    norms = []
+    lrs, norms = [], []
     for window in windows:
+        lrs.append(sched.get_last_lr()[0])
         for ids, n in window:
             _loss(ref, ids, n).backward()
         if not handle.stepped:
@@ -245,7 +246,9 @@ def test_layerwise_trainer_equals_layerwise_loop(tmp_path):
     assert handle.step_count == STEPS
     _assert_equal(model, ref)
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["learning_rate"] for h in logs] == pytest.approx(lrs, rel=1e-6)  # one scheduler step per update
     assert [h["grad_norm"] for h in logs] == pytest.approx(norms, rel=1e-6)
+    assert max(norms) > args.max_grad_norm
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -133,8 +133,8 @@ def create_optimizer(model: nn.Module, args: transformers.TrainingArguments, met
                    if getattr(args, name) != _field_default(name)]
         if changed:
             raise UsageError(f"TrainingArguments {', '.join(changed)} cannot apply to {entry.label}, which has no "
-                             "Adam betas/eps; leave them at their defaults (Adafactor options go in as keywords: "
-                             "beta1=..., eps=(1e-30, 1e-3))")
+                             "Adam betas/eps; leave them at their defaults (Adafactor's own options go in as keywords, "
+                             "e.g. beta1=0.9)")
     return _create_optimizer(model, method, **kwargs, **options)
 
 
@@ -252,6 +252,10 @@ def _unwrap(optimizer):
     return optimizer
 
 
+def _max_grad_norm(args: transformers.TrainingArguments) -> float | None:
+    return float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None  # 0: no clipping
+
+
 def _check_layerwise_args(args: transformers.TrainingArguments) -> None:
     from transformers.training_args import ParallelMode
 
@@ -283,7 +287,7 @@ class LayerwiseTrainerMixin:
     """
 
     def __init__(self, *args, layerwise_bucket_bytes: int = DEFAULT_BUCKET_BYTES, **kwargs):
-        for name in ("_clip_grad_norm", "_get_grad_norm", "create_optimizer"):
+        for name in ("_clip_grad_norm", "_get_grad_norm"):  # the hooks below replace these private methods
             if not callable(getattr(transformers.Trainer, name, None)):
                 raise RuntimeError(f"LayerwiseTrainer needs transformers.Trainer.{name}, which transformers "
                                    f"{transformers.__version__} lacks; this version is not supported")
@@ -300,16 +304,16 @@ class LayerwiseTrainerMixin:
         if getattr(inner, "_layerwise_handle", None) is not None:
             raise UsageError("the optimizer already has a gm.layerwise() handle; give LayerwiseTrainer the plain "
                              "optimizer (it sets layer-wise updates up from TrainingArguments)")
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         self.optimizer = LayerwiseOptimizer(self.model if model is None else model, optimizer,
                                             accumulation_steps=self.args.gradient_accumulation_steps,
-                                            max_grad_norm=max_norm, bucket_bytes=self._layerwise_bucket_bytes)
+                                            max_grad_norm=_max_grad_norm(self.args),
+                                            bucket_bytes=self._layerwise_bucket_bytes)
         return self.optimizer
 
     def _check_matches(self, layerwise: LayerwiseOptimizer) -> None:
         handle = layerwise.handle
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
-        if handle.accumulation_steps != self.args.gradient_accumulation_steps or handle.max_grad_norm != max_norm:
+        if (handle.accumulation_steps != self.args.gradient_accumulation_steps
+                or handle.max_grad_norm != _max_grad_norm(self.args)):
             raise UsageError(
                 f"the LayerwiseOptimizer has accumulation_steps={handle.accumulation_steps}, max_grad_norm="
                 f"{handle.max_grad_norm} but TrainingArguments say gradient_accumulation_steps="
