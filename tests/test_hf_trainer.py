@@ -149,6 +149,8 @@ def test_conflicting_or_ignored_settings_are_refused(tmp_path):
         hf.trainer_optimizers(model, args, "galore_adafactor")
     with pytest.raises(gm.UsageError, match="optim_target_modules"):
         hf.trainer_optimizers(model, _args(tmp_path, optim_target_modules=["attn"]), "galore")
+    with pytest.raises(gm.UsageError, match="optim='adafactor' would be ignored"):
+        hf.trainer_optimizers(model, _args(tmp_path, optim="adafactor"), "galore_mini")
     with pytest.raises(gm.UsageError, match="optim_args"):
         hf.trainer_optimizers(model, _args(tmp_path, optim_args="rank=8"), "galore")
     with pytest.raises(gm.UsageError, match="re-parametrises the model"):

@@ -100,8 +100,8 @@ def create_optimizer(model: nn.Module, args: transformers.TrainingArguments, met
     galore-torch). GaLore-Adafactor has neither betas nor eps, so it refuses non-default Adam
     fields. `options` are the galore-mini options (``rank``, ``update_proj_gap``, ``scale``,
     ``proj_method``, ``overrides`` …); passing one of the four above here is an error, and so
-    are ``args.optim_target_modules`` / ``args.optim_args`` (Hugging Face's GaLore knobs, which
-    would otherwise be ignored).
+    are a non-default ``args.optim``, ``args.optim_args`` and ``args.optim_target_modules``
+    (Trainer would ignore them).
 
     Example::
 
@@ -122,6 +122,10 @@ def create_optimizer(model: nn.Module, args: transformers.TrainingArguments, met
         raise UsageError(f"TrainingArguments.optim_target_modules={args.optim_target_modules!r} configures Hugging "
                          "Face's galore-torch route, not this one; leave it unset and choose the projected weights "
                          "with overrides={regex: {'project': True}} (print(gm.param_groups(model, method)) shows them)")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim != str(_field_default("optim")):
+        raise UsageError(f"TrainingArguments.optim={optim!r} would be ignored: Trainer uses the optimizer passed in "
+                         f"optimizers=, here {entry.label}; leave optim at its default")
     if args.optim_args:
         raise UsageError(f"TrainingArguments.optim_args={args.optim_args!r} would be ignored: pass galore-mini "
                          "options as keywords (rank=..., update_proj_gap=..., scale=...)")
