@@ -60,8 +60,10 @@ accumulation or clipping setting that disagrees with ``TrainingArguments``.
 
 Do not pass a model with a :func:`galore_mini.layerwise` handle already attached
 to a plain ``Trainer``. Its ``optimizer.step()`` then does nothing (the update
-already happened), and Trainer's clipping sees no gradients: it clips nothing and
-logs ``grad_norm`` 0.
+already happened), Trainer's clipping sees no gradients (it clips nothing and
+logs ``grad_norm`` 0), and an accumulation setting that disagrees with Trainer's
+either trips the layer-wise guard or, when the handle accumulates fewer
+micro-batches, updates more often than Trainer steps.
 """
 
 from __future__ import annotations
