@@ -69,15 +69,14 @@ def test_estimate_equals_measured(request, fixture, name, dtype, method):
     _assert_equal(est, measure(model, method, rank=RANKS[name]))
 
 
-@pytest.mark.parametrize("method", ["adam_mini", "galore", "galore_8bit", "galore_mini", "galore_mini_a1",
-                                    "galore_mini_8bit"])
+@pytest.mark.parametrize("method", [m for m in OPTIMIZER_METHODS if methods.get(m).state_dtype_option])
 def test_state_dtype_bf16_equals_measured(tiny_bf16, method):
     est = estimate("tiny", method, rank=32, dtype="bf16", state_dtype="bf16")
     _assert_equal(est, measure(tiny_bf16, method, rank=32, state_dtype="bf16"))
     assert est.optimizer_bytes < estimate("tiny", method, rank=32, dtype="bf16").optimizer_bytes
 
 
-_PROJECTED_METHODS = ["galore", "galore_mini", "galore_mini_a1", "galore_8bit", "galore_mini_8bit"]
+_PROJECTED_METHODS = [m for m in OPTIMIZER_METHODS if methods.get(m).projected]
 _OPTIONS = [dict(proj_type="full"), dict(proj_type="reverse_std"), dict(proj_type="left"),
             dict(adaptive_gap=True, gap_window=3), dict(proj_dtype="bf16")]
 

@@ -26,12 +26,12 @@ from galore_mini.memory.layout import layout_sizes, optimizer_state_layout
 from galore_mini.memory.measure import STATE_PARTS, parts, unique_parameters
 from galore_mini.models import default_rank
 from galore_mini.optim.layerwise import DEFAULT_BUCKET_BYTES
+from galore_mini.optim.projection import PROJ_TYPES
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                   "fp16": "fp16", "float16": "fp16", "half": "fp16"}
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 ROLE_GROUPS = ("attention", "mlp", "embedding", "output", "norm", "other")
 _ROLE_GROUP = {"query": "attention", "key": "attention", "value": "attention", "attn_out": "attention",
@@ -426,7 +426,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = build_baseline(method, model, rank)
         adapters = [p for p in unique_parameters(model) if id(p) not in base_ids]
-        if adapter_torch_dtype is not None and method != "low_rank":
+        # adapter_dtype is about adapters beside frozen weights (LoRA); factors that replace W take its dtype
+        if adapter_torch_dtype is not None and any(not p.requires_grad for p in model.parameters()):
             for p in adapters:
                 p.data = p.data.to(adapter_torch_dtype)
         projected_params = sum(p.numel() for p in adapters)
