@@ -123,9 +123,12 @@ def measure(model: nn.Module, method: str, rank: int = 128, *, state_dtype=None,
         method, optimizer_options = "full", {}
     if all(p.grad is None for p in model.parameters() if p.requires_grad):
         model(input_ids=input_ids, labels=input_ids).loss.backward()
-    if state_dtype is not None and methods.get(method).state_dtype_option:
+    entry = methods.get(method)
+    if state_dtype is not None and entry.state_dtype_option:
         optimizer_options["state_dtype"] = state_dtype
-    optimizer = gm.create_optimizer(model, method, rank=rank, **optimizer_options)
+    if entry.projected:
+        optimizer_options["rank"] = rank
+    optimizer = gm.create_optimizer(model, method, **optimizer_options)
     optimizer.step()
     return {
         "measured_optimizer_bytes": optimizer_state_bytes(optimizer),
