@@ -16,6 +16,7 @@ from galore_mini.errors import UsageError
 from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
 from galore_mini.optim.groups import METHODS, ParamGroups, create_optimizer, param_groups
 from galore_mini.optim.layerwise import layerwise
+from galore_mini import memory  # after the optimizers it counts; it imports no harness
 
 __version__ = "0.1.0"
 
@@ -40,9 +41,4 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module("galore_mini.hf")
-    # the memory estimator pulls in the harness's model configs; load it only when asked for
-    if name == "memory":
-        import importlib
-
-        return importlib.import_module("galore_mini.memory")
     raise AttributeError(f"module 'galore_mini' has no attribute {name!r}")

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory-efficient LLM training with GaLore, Adam-mini and GaLore-mini.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from galore_mini.train import memory, pretrain_cli
+    from galore_mini import memory
+    from galore_mini.train import pretrain_cli
 
     pretrain_cli.register(sub)
     memory.register(sub)

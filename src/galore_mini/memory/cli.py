@@ -1,0 +1,116 @@
+"""``galore-mini memory``: the estimate from the command line, optionally measured and plotted."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from galore_mini import methods
+from galore_mini.errors import UsageError
+from galore_mini.memory.estimate import MemoryEstimate, TORCH_DTYPES, _dtype_name, _gib, _positive_int, estimate
+from galore_mini.memory.measure import measure
+from galore_mini.memory.figure import plot
+
+MEASURE_LIMIT_BYTES = 4 * 2 ** 30
+
+
+def register(subparsers) -> None:
+    """Add the ``memory`` subcommand."""
+    p = subparsers.add_parser(
+        "memory", help="memory of training a model with a method (analytic, optionally measured)",
+        description="Weights, gradients, optimizer state (by part) and total memory of training a model with a "
+                    "method, computed from the model's shapes; --measure checks it against one real step.",
+    )
+    p.add_argument("--model", default="llama_7b", help="named size (tiny, llama_20m, llama_60m … llama_7b) or a "
+                   "JSON config path (default: llama_7b)")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the config's vocabulary size")
+    p.add_argument("--method", default="galore_mini",
+                   help=f"one of {', '.join(methods.METHODS)} (default: galore_mini)")
+    p.add_argument("--methods", default=None, help="comma-separated methods, or 'all' (the paper's comparison)")
+    p.add_argument("--rank", type=int, default=None, help="rank (default: the paper's for the size, e.g. 1024 at 7B)")
+    p.add_argument("--dtype", default="bf16", help="weights' dtype: fp32, bf16, fp16 (default: bf16)")
+    p.add_argument("--state-dtype", default=None, help="optimizer-state dtype for the optimizers that take one "
+                   "(default: fp32)")
+    p.add_argument("--proj-dtype", default=None, help="projector dtype for the GaLore family (default: fp32)")
+    p.add_argument("--adapter-dtype", default=None, help="LoRA/ReLoRA adapter dtype (default: fp32, as peft keeps them)")
+    p.add_argument("--proj-type", default="std", help="GaLore projection side: std, reverse_std, left, right, full")
+    p.add_argument("--layerwise", action="store_true",
+                   help="layer-wise updates: count the gradients held at once (default 64 MiB buckets)")
+    p.add_argument("--batch-size", type=int, default=None, help="add activations for this batch size …")
+    p.add_argument("--seq-len", type=int, default=None, help="… and sequence length")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measure", action="store_true", help="build the model, run one real optimizer step and "
+                   "report the measured state bytes (small models only)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw stacked bars per method to this file")
+    p.set_defaults(func=run)
+
+
+def _parse_methods(args) -> list[str]:
+    if args.methods is None:
+        names = [args.method]
+    elif args.methods.strip() == "all":
+        names = list(methods.FIGURE_METHODS)
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in methods.REGISTRY]
+    if unknown or not names:
+        raise UsageError(f"--method: unknown method {unknown[0] if unknown else ''!r}; use one of "
+                         f"{', '.join(methods.METHODS)} (or --methods all)")
+    return names
+
+
+def _measure_cli(args, est: MemoryEstimate, dtype: str, models: dict) -> None:
+    """Attach one real step's measurements to `est` (the model is built once and shared by the methods)."""
+    from galore_mini.models import build_model, model_config
+
+    if est.weights_bytes + est.all_gradient_bytes + est.optimizer_bytes > MEASURE_LIMIT_BYTES:
+        raise UsageError(f"--measure: {args.model} needs about {_gib(est.total_bytes)} GiB; measurement is for "
+                         f"models that fit in {MEASURE_LIMIT_BYTES / 2 ** 30:g} GiB (tiny, llama_20m, llama_60m)")
+    entry = methods.get(est.method)
+    adapter = entry.kind == "adapter"
+    if adapter or "model" not in models:
+        model = build_model(model_config(args.model, args.vocab_size), dtype=TORCH_DTYPES[dtype])
+        if adapter:  # each baseline converts its own fresh model
+            est.measured = measure(model, est.method, rank=est.rank)
+            return
+        models["model"] = model
+    options: dict[str, Any] = {}
+    if entry.projected:
+        options["proj_type"] = args.proj_type
+        if args.proj_dtype is not None:
+            options["proj_dtype"] = args.proj_dtype
+    # the first call runs forward and backward; later methods step on the same gradients
+    est.measured = measure(models["model"], est.method, rank=est.rank or 1, state_dtype=args.state_dtype, **options)
+
+
+def run(args) -> int:
+    names = _parse_methods(args)
+    if args.vocab_size is not None:
+        _positive_int(args.vocab_size, "--vocab-size")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--rank", args.rank)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag}={value} must be a positive integer")
+    dtype = _dtype_name(args.dtype)
+    estimates = []
+    for method in names:
+        est = estimate(args.model, method, rank=args.rank, dtype=dtype, state_dtype=args.state_dtype,
+                       proj_dtype=args.proj_dtype, proj_type=args.proj_type, layerwise=args.layerwise,
+                       batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                       adapter_dtype=args.adapter_dtype)
+        estimates.append(est)
+    if args.measure:
+        built: dict = {}
+        for est in estimates:
+            _measure_cli(args, est, dtype, built)
+    if args.plot:
+        plot(estimates, args.plot)
+    if args.json:
+        payload = estimates[0].to_dict() if len(estimates) == 1 else {"estimates": [e.to_dict() for e in estimates]}
+        print(json.dumps(payload))
+    else:
+        print("\n\n".join(e.format() for e in estimates))
+        if args.plot:
+            print(f"\nfigure written to {args.plot}")
+    # a measured figure that differs from the estimate is a bug somewhere: say so in the exit code
+    mismatched = [e for e in estimates if e.measured and not e.matches_measurement()]
+    return 1 if mismatched else 0
