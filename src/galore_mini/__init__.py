@@ -14,7 +14,8 @@ and the helpers that build their param groups from a model::
 
 from galore_mini.errors import UsageError
 from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
-from galore_mini.optim.groups import METHODS, ParamGroups, create_optimizer, param_groups
+from galore_mini.methods import METHODS, OPTIMIZER_METHODS
+from galore_mini.optim.groups import ParamGroups, create_optimizer, param_groups
 from galore_mini.optim.layerwise import layerwise
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "GaLoreAdamW8bit",
     "GaLoreMini",
     "METHODS",
+    "OPTIMIZER_METHODS",
     "ParamGroups",
     "UsageError",
     "create_optimizer",
