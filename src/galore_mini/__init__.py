@@ -14,9 +14,13 @@ and the helpers that build their param groups from a model::
 
 from galore_mini.errors import UsageError
 from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
-from galore_mini.methods import METHODS, OPTIMIZER_METHODS
+from galore_mini.methods import OPTIMIZER_METHODS
 from galore_mini.optim.groups import ParamGroups, create_optimizer, param_groups
 from galore_mini.optim.layerwise import layerwise
+
+#: the methods `create_optimizer` and `param_groups` take: the registry's optimizer methods (the
+#: adapter baselines are galore_mini.methods.ADAPTER_METHODS)
+METHODS = OPTIMIZER_METHODS
 
 __version__ = "0.1.0"
 

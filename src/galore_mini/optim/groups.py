@@ -677,6 +677,22 @@ def _optimizer_class(spec) -> type:
     return getattr(importlib.import_module("galore_mini.optim"), spec.optimizer)
 
 
+def _constructor_options(cls: type) -> set[str]:
+    """Keyword options `cls` takes, following ``**kwargs`` up to the optimizer base classes."""
+    from galore_mini.optim.core import ComposedOptimizer
+
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (ComposedOptimizer, torch.optim.Optimizer, object) or "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        accepted |= {p.name for p in parameters if p.name not in ("self", "params")
+                     and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return accepted
+
+
 def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | None = None, rank: int = DEFAULT_RANK,
                      update_proj_gap: int = 200, scale: float = 0.25, weight_decay: float = 0.0,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float | None = None, overrides=None,
@@ -698,8 +714,7 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     """
     spec = _method(method)
     cls = _optimizer_class(spec)
-    accepted = {name for name, p in inspect.signature(cls.__init__).parameters.items()
-                if name not in ("self", "params") and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    accepted = _constructor_options(cls)
     projection = {k: options.pop(k) for k in list(options) if k in PROJECTION_DEFAULTS}
     unknown = [k for k in options if k not in accepted]
     if unknown:
