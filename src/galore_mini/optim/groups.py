@@ -100,7 +100,7 @@ _VALUE = {"v_proj", "value", "wv", "v", "v_lin", "to_v", "value_proj"}
 _FUSED_QKV = {"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "to_qkv"}
 _ATTN_OUT = {"o_proj", "out_proj", "o", "out_lin", "to_out", "attn_out"}
 _MLP = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "wi", "wi_0",
-        "wi_1", "fc_in", "fc_out", "lin1", "lin2", "dense_h_to_4h", "dense_4h_to_h"}
+        "wi_1", "fc_in", "fc_out", "lin1", "lin2", "linear1", "linear2", "dense_h_to_4h", "dense_4h_to_h"}
 # nn.MultiheadAttention keeps its input projections as parameters of its own
 _MHA_ROLES = {"in_proj_weight": "qkv", "q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value"}
 
@@ -482,6 +482,8 @@ def _classify(ctx: _Context, module_name: str, module: nn.Module, leaf: str, par
     if any(p is param for _, p in _matrix_weights(module)):
         role = _role(ctx, module_name, module, leaf)
         block, note = _matrix_block(ctx, module_name, module, param, role)
+        if role == "linear" and module_name not in ctx.block_of:
+            note = ""  # outside the blocks (a head, a projection): one block per output neuron, as for outputs
         projectable = module_name in ctx.block_of if targets is None else id(param) in targets
         return ParamInfo(name, param, role, block, projectable, True, module=module_name, note=note)
     return ParamInfo(name, param, "other", "rows" if param.dim() == 2 else "tensor", False, True, module=module_name)
