@@ -270,6 +270,12 @@ def test_options_that_cannot_apply_and_unknown_methods_are_errors():
         gm.param_groups(model, "lora")
     with pytest.raises(gm.UsageError, match=r"'update_proj_gapp' \(did you mean 'update_proj_gap'\?\)"):
         gm.create_optimizer(model, "galore", rank=8, update_proj_gapp=10)
+    with pytest.raises(gm.UsageError, match=r"rule 'lm_head' sets project, but method='adam_mini' does not project"):
+        gm.param_groups(model, "adam_mini", overrides={"lm_head": {"project": True}})
+    with pytest.raises(gm.UsageError, match=r"rule 'lm_head' gives rank=2 but matches no projected weight"):
+        gm.param_groups(model, "galore", overrides={"lm_head": {"rank": 2}})
+    groups = gm.param_groups(model, "galore", overrides={"lm_head": {"rank": 2, "project": True}})
+    assert _info(groups, "lm_head.weight").options["rank"] == 2
 
 
 def test_create_optimizer_reads_the_registry():

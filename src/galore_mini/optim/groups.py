@@ -192,7 +192,7 @@ class ParamGroups(list):
         rows = [(info.name, "×".join(map(str, info.shape)), info.role, info.treatment()) for info in self.infos]
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
         lines = [f"param groups for method={self.method!r}: {len(self)} groups, {len(self.infos)} parameters",
-                 "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+                 "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(self.summary())
         return "\n".join(lines)
@@ -271,6 +271,16 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
     return stacks
 
 
+def _storage(param: torch.Tensor) -> tuple | None:
+    """Where a tensor's data starts; None where that says nothing (meta tensors, empty or sharded ones)."""
+    if param.device.type == "meta" or param.numel() == 0:
+        return None
+    try:
+        return (param.device, param.data_ptr())
+    except (RuntimeError, TypeError, NotImplementedError):  # tensor subclasses without plain storage
+        return None
+
+
 def _parent(module_name: str) -> str:
     return module_name.rsplit(".", 1)[0] if "." in module_name else ""
 
@@ -292,9 +302,8 @@ class _Context:
         if input_layer is not None:
             embeddings.append(input_layer)
         self.embedding_params = {id(p) for m in embeddings for p in m.parameters()}
-        # weights tied by sharing storage rather than the Parameter object; meta tensors have no storage
-        self.embedding_storage = {(p.device, p.data_ptr()) for m in embeddings for p in m.parameters()
-                                  if p.device.type != "meta" and p.numel() > 0}
+        # weights tied by sharing storage rather than the Parameter object
+        self.embedding_storage = {key for m in embeddings for p in m.parameters() for key in [_storage(p)] if key}
         self.stacks = repeated_blocks(model)
         members = {member for _, names in self.stacks for member in names}
         self.block_of: dict[str, str] = {}
@@ -307,9 +316,7 @@ class _Context:
         self._heads: dict[str, tuple] = {}
 
     def tied_to_embedding(self, param: torch.Tensor) -> bool:
-        if id(param) in self.embedding_params:
-            return True
-        return param.device.type != "meta" and (param.device, param.data_ptr()) in self.embedding_storage
+        return id(param) in self.embedding_params or _storage(param) in self.embedding_storage
 
     def ancestors(self, module_name: str) -> list[tuple[str, nn.Module]]:
         """Nearest first, root last."""
@@ -406,17 +413,17 @@ def _matrix_block(ctx: _Context, module_name: str, module: nn.Module, param: tor
     return along, f"{role} head size unknown: one v block per output neuron"
 
 
-def _target_matcher(spec):
-    """A function name → bool with Hugging Face's `optim_target_modules` semantics, or None for all-linear."""
+def _target_matcher(spec) -> list | None:
+    """``(entry, match)`` pairs with Hugging Face's `optim_target_modules` semantics; None for all-linear."""
     if spec is None or (isinstance(spec, str) and spec.replace("_", "-").lower() == ALL_LINEAR):
-        return None, [ALL_LINEAR]
+        return None
     if isinstance(spec, str):
         try:
             pattern = re.compile(spec)
         except re.error as exc:
             raise UsageError(f"target_modules={spec!r} is not a valid regular expression ({exc}); "
                              "pass a list for exact names or substrings") from None
-        return [(spec, lambda name: pattern.fullmatch(name) is not None)], [spec]
+        return [(spec, lambda name: pattern.fullmatch(name) is not None)]
     if isinstance(spec, (list, tuple, set, frozenset)) and spec and all(isinstance(s, str) and s for s in spec):
         entries = []
         for entry in spec:
@@ -429,14 +436,14 @@ def _target_matcher(spec):
                 return entry in name or (pattern is not None and pattern.fullmatch(name) is not None)
 
             entries.append((entry, match))
-        return entries, list(spec)
+        return entries
     raise UsageError(f"target_modules={spec!r}: use 'all-linear', a list of module names or substrings "
                      "(e.g. ['q_proj', 'v_proj']), or a regular expression matching whole module names")
 
 
 def _select_targets(ctx: _Context, spec) -> set[int] | None:
     """id() of every weight the explicit target spec selects; None for the structural rule."""
-    entries, _ = _target_matcher(spec)
+    entries = _target_matcher(spec)
     if entries is None:
         return None
     selected: set[int] = set()
@@ -603,7 +610,14 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
                                      or not weight_decay >= 0):
         raise UsageError(f"weight_decay={weight_decay!r} must be a number >= 0")
     rules = _normalise_overrides(overrides)
+    if not spec.projected:
+        for pattern, opts in rules:
+            wrong = sorted(set(opts) & ({"project", "rank"} | set(PROJECTION_DEFAULTS)))
+            if wrong:
+                raise UsageError(f"overrides: the rule {pattern.pattern!r} sets {', '.join(wrong)}, but "
+                                 f"method={method!r} does not project")
     used = [False] * len(rules)
+    ranked = [False] * len(rules)  # a rule that gives a rank must reach a projected weight
     reading = read(model, target_modules)
     too_small: list[ParamInfo] = []
     switched_off = False
@@ -614,12 +628,15 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
         elif weight_decay is not None:
             options["weight_decay"] = weight_decay
         rule_options: dict[str, Any] = {}
+        rule = None
         for i, (pattern, opts) in enumerate(rules):
             if pattern.search(info.name):
-                used[i] = True
+                used[i], rule = True, i
                 rule_options = dict(opts)
                 break
         project = rule_options.pop("project", info.projectable)
+        if rule is not None and project:
+            ranked[rule] = True
         switched_off |= info.projectable and not project
         param_rank = rule_options.pop("rank", rank)
         if spec.blocked:
@@ -634,10 +651,13 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
                 options.update(rank=param_rank, **projection)
         options.update(rule_options)
         info.options = options
-    for (pattern, _), hit in zip(rules, used):
+    for (pattern, opts), hit, reached in zip(rules, used, ranked):
         if not hit:
             raise UsageError(f"overrides: the rule {pattern.pattern!r} matches no parameter of the model; "
                              "check the names with print(gm.param_groups(model))")
+        if "rank" in opts and not reached:
+            raise UsageError(f"overrides: the rule {pattern.pattern!r} gives rank={opts['rank']!r} but matches no "
+                             "projected weight; add 'project': True to project what it matches")
     groups = ParamGroups(_group_by_options(reading.infos), reading.infos, method, reading)
     if spec.projected and not groups.projected():
         raise _nothing_projected(reading, rank, too_small, switched_off)
