@@ -143,8 +143,8 @@ def test_fc_blocks_with_torch_multihead_attention():
 
 def test_torch_transformer_encoder_and_blocks_held_as_attributes():
     layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=INTER, batch_first=True)
-    encoder = nn.Sequential(nn.Embedding(VOCAB, D), nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
-                            nn.Linear(D, VOCAB))
+    stack = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    encoder = nn.Sequential(nn.Embedding(VOCAB, D), stack, nn.Linear(D, VOCAB))
     groups = gm.param_groups(encoder, "galore", rank=4)
     per_layer = ["self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"]
     assert _projected(groups) == sorted(f"1.layers.{i}.{n}" for i in range(2) for n in per_layer)
@@ -233,7 +233,8 @@ def test_target_spec(spec, expected):
 @pytest.mark.parametrize("spec, message", [
     ("q_proj", r"'q_proj' matches no nn.Linear"),  # a string is a whole-name regex, as in Hugging Face
     (["q_proj", "nope"], r"'nope' matches no nn.Linear"),
-    (["norm"], r"'norm' matches no nn.Linear .*it matches \d+ other module\(s\), e.g. 'model.layers.0.input_layernorm'"),
+    (["norm"], r"'norm' matches no nn.Linear .*it matches \d+ other module\(s\), "
+               r"e.g. 'model.layers.0.input_layernorm'"),
     (["q_prj"], r"did you mean 'q_proj'"),
     ("(", "not a valid regular expression"),
     (5, "use 'all-linear', a list"),
