@@ -93,13 +93,14 @@ DEFAULT_RANK = 128
 # Roles come from a weight's own module name, so a block that holds q_proj … down_proj directly reads
 # like one with separate attention and MLP modules; the parents only tell attention output from MLP.
 _ATTENTION_TOKENS = {"attn", "attention", "self_attn", "self_attention", "cross_attn", "selfattention"}
-_MLP_TOKENS = {"mlp", "feed_forward", "ffn", "feedforward", "ff"}
+_MLP_TOKENS = {"mlp", "feed_forward", "ffn", "feedforward", "ff", "intermediate", "densereludense"}
 _QUERY = {"q_proj", "query", "wq", "q", "q_lin", "to_q", "query_proj"}
 _KEY = {"k_proj", "key", "wk", "k", "k_lin", "to_k", "key_proj"}
 _VALUE = {"v_proj", "value", "wv", "v", "v_lin", "to_v", "value_proj"}
 _FUSED_QKV = {"c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "to_qkv"}
 _ATTN_OUT = {"o_proj", "out_proj", "o", "out_lin", "to_out", "attn_out"}
-_MLP = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "wi", "wi_0",
+# "wo" is an attention output under an attention parent (checked first), an MLP output elsewhere (T5)
+_MLP = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "wi", "wo", "wi_0",
         "wi_1", "fc_in", "fc_out", "lin1", "lin2", "linear1", "linear2", "dense_h_to_4h", "dense_4h_to_h"}
 # nn.MultiheadAttention keeps its input projections as parameters of its own
 _MHA_ROLES = {"in_proj_weight": "qkv", "q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value"}
