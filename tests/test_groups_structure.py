@@ -293,3 +293,21 @@ def test_create_optimizer_reads_the_registry():
             assert all(g[key] == value for g in opt.param_groups)
         assert any("rank" in g for g in opt.param_groups) == entry.projected
         assert any("block" in g for g in opt.param_groups) == entry.blocked
+
+
+def test_hybrid_layer_list_and_nested_blocks():
+    class Experts(nn.Module):  # blocks inside blocks belong to the outer block
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(D)
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(D, INTER), nn.GELU(), nn.Linear(INTER, D))
+                                         for _ in range(2))
+
+    model = TinyLM(layers=0)
+    model.blocks = nn.ModuleList([FlatBlock(), Experts(), FcBlock()])  # three layer types in one list
+    groups = gm.param_groups(model, "galore", rank=4)
+    assert groups.reading.blocks == [("blocks", 3, "FlatBlock/Experts/FcBlock")]
+    expected = [f"blocks.0.{n}.weight" for n in FLAT] + [f"blocks.1.experts.{e}.{i}.weight" for e in (0, 1)
+                                                         for i in (0, 2)]
+    expected += [f"blocks.2.{n}" for n in ("attn.in_proj_weight", "attn.out_proj.weight", "fc1.weight", "fc2.weight")]
+    assert _projected(groups) == sorted(expected)

@@ -13,9 +13,10 @@ lies inside the network's *repeated blocks*, and nothing else: never an embeddin
 layer (``get_output_embeddings()``), a weight tied to an input embedding (same tensor, or the same
 storage), nor anything 1-D. Repeated blocks are found from structure alone, not from module names:
 
-* the members of an ``nn.ModuleList`` / ``nn.Sequential`` whose members that hold such weights
-  are all of one class and are not bare layers (``model.layers``, ``transformer.h``, an encoder
-  and a decoder stack: a one-layer model counts too); and
+* the members of an ``nn.ModuleList`` whose members that hold such weights are modules with
+  children of their own, not bare layers (``model.layers``, ``transformer.h``, an encoder and a
+  decoder stack, a hybrid model's alternating layer types; a one-layer model counts too), and the
+  same for an ``nn.Sequential`` whose such members are also all of one class; and
 * two or more sibling modules, not bare layers, of the same class holding the same weights
   (names and shapes) — blocks kept as attributes (``self.block1``, ``self.block2``).
 
@@ -252,8 +253,11 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
         children = [(name, child) for name, child in module.named_children()]
         holding = [(name, child) for name, child in children if structure.has_matrices(child)]
         members: list[str] = []
-        if (isinstance(module, (nn.ModuleList, nn.Sequential)) and holding
-                and len({type(child) for _, child in holding}) == 1 and not _is_bare_layer(holding[0][1])):
+        composite = holding and not any(_is_bare_layer(child) for _, child in holding)
+        # a ModuleList of composite modules is a list of layers whatever their classes (hybrid models
+        # alternate layer types); a Sequential also chains embeddings and heads, so it needs one class
+        if composite and (isinstance(module, nn.ModuleList) or (
+                isinstance(module, nn.Sequential) and len({type(child) for _, child in holding}) == 1)):
             members = [name for name, _ in holding]
         else:
             by_signature: dict[tuple, list[str]] = {}
@@ -511,7 +515,8 @@ def read(model: nn.Module, target_modules=None) -> Reading:
                 continue
             seen.add(id(param))
             infos.append(_classify(ctx, module_name, module, leaf, param, targets))
-    blocks = [(parent, len(members), type(ctx.modules[members[0]]).__name__) for parent, members in ctx.stacks]
+    blocks = [(parent, len(members), "/".join(dict.fromkeys(type(ctx.modules[m]).__name__ for m in members)))
+              for parent, members in ctx.stacks]
     unprojectable = [i.name for i in infos if i.param.dim() == 2 and i.role == "other" and i.module in ctx.block_of]
     target = ALL_LINEAR if targets is None else repr(target_modules)
     return Reading(infos, blocks, target, unprojectable)
