@@ -53,6 +53,11 @@ groups. Overrides: ``overrides={regex: options}`` (or a list of pairs), matched 
 ``block``, ``weight_decay`` …) or ``project=True/False``. A rule that matches no parameter is an
 error.
 
+Limits: only 2-D weights are projected, so experts stored as one 3-D tensor (recent
+Hugging Face mixture-of-experts models) keep full-size state (the summary's share shows it); a
+fused ``qkv`` weight is read as q, k and v stacked, which GPT-NeoX's per-head interleaving is not
+(its blocks then mix heads' rows; set ``overrides`` for such models).
+
 Example::
 
     >>> import torch, galore_mini as gm
