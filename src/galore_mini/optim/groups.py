@@ -56,7 +56,8 @@ error.
 Limits: only 2-D weights are projected, so experts stored as one 3-D tensor (recent
 Hugging Face mixture-of-experts models) keep full-size state (the summary's share shows it); a
 fused ``qkv`` weight is read as q, k and v stacked, which GPT-NeoX's per-head interleaving is not
-(its blocks then mix heads' rows; set ``overrides`` for such models).
+(there per-head blocks land partly on v rows and per-row blocks on q and k rows; set a ``block``
+in ``overrides`` for such models).
 
 Example::
 
