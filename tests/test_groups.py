@@ -73,7 +73,7 @@ def test_gpt2_conv1d_and_fused_qkv():
     assert opt.state[c_attn.param]["exp_avg_sq"].shape == (4 + 4 + 32,)
 
 
-def test_plain_linear_model_and_overrides():
+def test_plain_linear_model_needs_a_target_and_takes_overrides():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -82,22 +82,27 @@ def test_plain_linear_model_and_overrides():
             self.head = nn.Linear(32, 10)
 
     net = Net()
-    groups = gm.param_groups(net, "galore", rank=4, overrides=[(r"^mlp\.2\.weight$", {"rank": 2}),
-                                                               (r"^mlp\.", {"project": False})])
+    # no repeated blocks: the default rule selects nothing, and GaLore that projects nothing is an error
+    with pytest.raises(gm.UsageError, match=r"no repeated blocks.*attn\.weight.*target_modules"):
+        gm.param_groups(net, "galore", rank=4)
+    groups = gm.param_groups(net, "galore", rank=4, target_modules=["attn", "mlp"],
+                             overrides=[(r"^mlp\.2\.weight$", {"rank": 2}), (r"^mlp\.", {"project": False})])
     assert _info(groups, "attn.weight").options["rank"] == 4
     assert _info(groups, "mlp.2.weight").options["rank"] == 2  # first match wins
     assert "rank" not in _info(groups, "mlp.0.weight").options
-    assert "rank" not in _info(groups, "head.weight").options  # not inside attention or MLP
+    assert "rank" not in _info(groups, "head.weight").options  # not targeted
     gm.GaLoreAdamW(groups)
 
 
 def test_rank_above_small_weights_falls_back_with_a_log(caplog):
-    model = tiny_llama(hidden=32, intermediate=64)
+    model = tiny_llama(hidden=32, heads=4, kv_heads=2, intermediate=64)  # k and v are 16×32
     with caplog.at_level("WARNING", logger="galore_mini"):
-        groups = gm.param_groups(model, "galore", rank=32)
-    assert all("rank" not in i.options for i in groups.infos)
-    assert "left unprojected" in caplog.text
+        groups = gm.param_groups(model, "galore", rank=20)
+    unprojected = {i.name.split(".")[-2] for i in groups.infos if i.projectable and "rank" not in i.options}
+    assert unprojected == {"k_proj", "v_proj"}
     assert caplog.text.count("left unprojected") == 1
+    with pytest.raises(gm.UsageError, match=r"project nothing: rank=32 is not below the smaller side of any"):
+        gm.param_groups(model, "galore", rank=32)
 
 
 def test_full_method_is_torch_adamw_without_decay_on_norms():

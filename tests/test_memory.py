@@ -354,7 +354,7 @@ def test_ratio_against_the_paper_claim():
     side keeps the long side in M) it is 19.8%, and 20.9% for the whole model with embeddings.
     """
     with torch.device("meta"):
-        layer = _PaperLayer(4096)
+        layer = nn.ModuleList([_PaperLayer(4096)])  # a stack of one block: what param_groups projects
     paper = _linear(estimate(layer, "galore_mini", rank=1024)) / _linear(estimate(layer, "full"))
     assert abs(paper - 18 / 24 * 1024 / 4096) < 1e-4
     full = estimate("llama_7b", "full", dtype="fp32")

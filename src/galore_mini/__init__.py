@@ -14,9 +14,14 @@ and the helpers that build their param groups from a model::
 
 from galore_mini.errors import UsageError
 from galore_mini.optim import AdamMini, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreMini
-from galore_mini.optim.groups import METHODS, ParamGroups, create_optimizer, param_groups
+from galore_mini.methods import OPTIMIZER_METHODS
+from galore_mini.optim.groups import ParamGroups, create_optimizer, param_groups
 from galore_mini.optim.layerwise import layerwise
 from galore_mini import memory  # after the optimizers it counts; it imports no harness
+
+#: the methods `create_optimizer` and `param_groups` take: the registry's optimizer methods (the
+#: adapter baselines are galore_mini.methods.ADAPTER_METHODS)
+METHODS = OPTIMIZER_METHODS
 
 __version__ = "0.1.0"
 
@@ -27,6 +32,7 @@ __all__ = [
     "GaLoreAdamW8bit",
     "GaLoreMini",
     "METHODS",
+    "OPTIMIZER_METHODS",
     "ParamGroups",
     "UsageError",
     "create_optimizer",

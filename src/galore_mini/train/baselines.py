@@ -2,8 +2,8 @@
 
 All three change the *model*, not the optimizer; they are then trained with plain
 AdamW (``gm.create_optimizer(model, "full")`` over the trainable parameters).
-The weights they touch are the ones GaLore projects — ``nn.Linear`` weights inside
-attention and MLP, as :func:`galore_mini.optim.groups.read_model` reads them — so
+The weights they touch are the ones GaLore projects — the ``nn.Linear`` weights of the
+model's repeated blocks, as :func:`galore_mini.optim.groups.read_model` reads them — so
 every method works on the same matrices. Embeddings, norms and the output layer
 stay full-rank and trainable in all three (as in the GaLore paper's baselines).
 
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from galore_mini.errors import UsageError
+from galore_mini.methods import ADAPTER_METHODS  # noqa: F401  (re-exported for the harness)
 
-ADAPTER_METHODS = ("low_rank", "lora", "relora")
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.05
 RELORA_PRUNE = 0.99
@@ -57,7 +57,8 @@ def check_rank(model: nn.Module, rank: int) -> None:
         raise UsageError(f"--rank={rank!r} must be a positive integer")
     linears = projected_linears(model)
     if not linears:
-        raise UsageError("the model has no attention/MLP nn.Linear weights to make low-rank")
+        raise UsageError("the model has no nn.Linear weights in repeated blocks to make low-rank (the weights "
+                         "GaLore would project)")
     name, smallest = min(linears, key=lambda nm: min(nm[1].weight.shape))
     limit = min(smallest.weight.shape)
     if rank >= limit:
