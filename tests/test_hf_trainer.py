@@ -139,6 +139,16 @@ def test_every_optimizer_takes_its_hyperparameters_from_training_arguments(metho
         assert any(g.get("rank") == 4 for g in opt.param_groups)
 
 
+def test_optim_target_modules_selects_the_projected_weights(tmp_path):
+    model = tiny_llama()
+    opt, _ = hf.trainer_optimizers(model, _args(tmp_path, optim_target_modules=["q_proj", "v_proj"]), "galore_mini",
+                                   rank=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = sorted(names[id(p)] for g in opt.param_groups if "rank" in g for p in g["params"])
+    assert projected and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in projected)
+    assert len(projected) == 2 * model.config.num_hidden_layers
+
+
 def test_conflicting_or_ignored_settings_are_refused(tmp_path):
     model, args = tiny_llama(), _args(tmp_path)
     with pytest.raises(gm.UsageError, match=r"lr \(TrainingArguments.learning_rate\)"):
@@ -147,8 +157,10 @@ def test_conflicting_or_ignored_settings_are_refused(tmp_path):
         hf.trainer_optimizers(model, args, "adam_mini", weight_decay=0.1)
     with pytest.raises(gm.UsageError, match="adam_beta1, adam_beta2, adam_epsilon cannot apply to GaLore-Adafactor"):
         hf.trainer_optimizers(model, args, "galore_adafactor")
-    with pytest.raises(gm.UsageError, match="optim_target_modules"):
-        hf.trainer_optimizers(model, _args(tmp_path, optim_target_modules=["attn"]), "galore")
+    with pytest.raises(gm.UsageError, match="optim_target_modules.*Adam-mini projects nothing"):
+        hf.trainer_optimizers(model, _args(tmp_path, optim_target_modules=["q_proj"]), "adam_mini")
+    with pytest.raises(gm.UsageError, match="disagrees with TrainingArguments.optim_target_modules"):
+        hf.trainer_optimizers(model, _args(tmp_path, optim_target_modules=["q_proj"]), "galore", target_modules="all-linear")
     with pytest.raises(gm.UsageError, match="optim='adafactor' would be ignored"):
         hf.trainer_optimizers(model, _args(tmp_path, optim="adafactor"), "galore_mini")
     with pytest.raises(gm.UsageError, match="optim_args"):

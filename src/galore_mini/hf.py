@@ -102,8 +102,9 @@ def create_optimizer(model: nn.Module, args: transformers.TrainingArguments, met
     galore-torch). GaLore-Adafactor has neither betas nor eps, so it refuses non-default Adam
     fields. `options` are the galore-mini options (``rank``, ``update_proj_gap``, ``scale``,
     ``proj_method``, ``overrides`` …); passing one of the four above here is an error, and so
-    are a non-default ``args.optim``, ``args.optim_args`` and ``args.optim_target_modules``
-    (Trainer would ignore them).
+    are a non-default ``args.optim`` and ``args.optim_args`` (Trainer would ignore them).
+    ``args.optim_target_modules`` is honoured as ``target_modules`` (same semantics as Hugging
+    Face's: ``"all-linear"``, a list of names or substrings, or a regex).
 
     Example::
 
@@ -121,9 +122,14 @@ def create_optimizer(model: nn.Module, args: transformers.TrainingArguments, met
         raise UsageError(f"{fields}: Trainer's hyperparameters come from TrainingArguments; set them there, "
                          "not as optimizer options")
     if args.optim_target_modules is not None:
-        raise UsageError(f"TrainingArguments.optim_target_modules={args.optim_target_modules!r} configures Hugging "
-                         "Face's galore-torch route, not this one; leave it unset and choose the projected weights "
-                         "with overrides={regex: {'project': True}} (print(gm.param_groups(model, method)) shows them)")
+        # Hugging Face's GaLore knob means the same thing as ours (which weights are projected), so it is honoured
+        if not entry.projected:
+            raise UsageError(f"TrainingArguments.optim_target_modules={args.optim_target_modules!r} selects weights to "
+                             f"project, but {entry.label} projects nothing; leave it unset or choose a GaLore method")
+        if "target_modules" in options and options["target_modules"] != args.optim_target_modules:
+            raise UsageError(f"target_modules={options['target_modules']!r} disagrees with "
+                             f"TrainingArguments.optim_target_modules={args.optim_target_modules!r}; set one of them")
+        options = {**options, "target_modules": args.optim_target_modules}
     optim = str(getattr(args.optim, "value", args.optim))
     if optim != str(_field_default("optim")):
         raise UsageError(f"TrainingArguments.optim={optim!r} would be ignored: Trainer uses the optimizer passed in "
