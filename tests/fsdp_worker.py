@@ -128,16 +128,28 @@ def train_pair(kind: str, name: str, steps: int, *, nan_at=None, clip=None, laye
     return model, opt, reference, ref_opt
 
 
-def check_parity(report: dict) -> None:
-    for kind in ("llama", "qwen2"):
-        for name in OPTIMIZERS:
-            if kind == "qwen2" and name in ("galore_mini_right", "galore_mini_project"):
-                continue
-            model, opt, reference, ref_opt = train_pair(kind, name, steps=4)
-            assert_same_params(model, reference, f"{kind}/{name}", OPTIMIZERS[name]["lr"])
-            check_projectors_identical(opt, f"{kind}/{name}")
-            report.setdefault("state_bytes", {})[f"{kind}/{name}"] = [opt.state_bytes(), ref_opt.state_bytes()]
-            check_state_layout(opt, ref_opt, f"{kind}/{name}")
+def check_parity(report: dict, cases=None) -> None:
+    """Each optimizer on each model: the sharded run equals one process; replicated state is identical
+    on every rank; sharded state adds up to the one-process state exactly."""
+    cases = cases or [(kind, name) for kind in ("llama", "qwen2") for name in OPTIMIZERS
+                      if not (kind == "qwen2" and name in ("galore_mini_right", "galore_mini_project"))]
+    for kind, name in cases:
+        model, opt, reference, ref_opt = train_pair(kind, name, steps=4)
+        assert_same_params(model, reference, f"{kind}/{name}", OPTIMIZERS[name]["lr"])
+        check_projectors_identical(opt, f"{kind}/{name}")
+        report.setdefault("state_bytes", {})[f"{kind}/{name}"] = [opt.state_bytes(), ref_opt.state_bytes()]
+        report.setdefault("digests", {})[f"{kind}/{name}"] = digest(model)
+        check_state_layout(opt, ref_opt, f"{kind}/{name}")
+
+
+def digest(model) -> str:
+    """A hash of the whole weights: repeated runs must give the same bits (determinism)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for _, p in model.named_parameters():
+        h.update((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_projectors_identical(opt, what: str) -> None:
@@ -308,7 +320,66 @@ def check_ddp_layerwise_refused(report: dict) -> None:
             raise AssertionError("layerwise under DDP was not refused")
 
 
-CHECKS = {"parity": check_parity, "nan_clip": check_nan_and_clip, "layerwise": check_layerwise,
+def check_hsdp(report: dict) -> None:
+    """A 2-D mesh (HSDP: replicate × shard) at its cheapest: 1 × world. Rows shard on the second mesh
+    dimension; the optimizer reduces over that dimension's group only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+    reference = tiny_model("qwen2")
+    model = copy.deepcopy(reference)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert len(model.model.embed_tokens.weight.placements) == 2
+    ref_opt, opt = make_optimizer(reference, "galore_mini"), make_optimizer(model, "galore_mini")
+    for x in batches("qwen2", 3):
+        loss_of(reference, x).backward()
+        loss_of(model, local_batch(x)).backward()
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    assert_same_params(model, reference, "hsdp")
+
+
+def expect_usage_error(fn, *needles) -> None:
+    try:
+        fn()
+    except gm.UsageError as err:
+        for needle in needles:
+            assert needle in str(err), (needle, str(err))
+    else:
+        raise AssertionError(f"no UsageError (expected one naming {needles})")
+
+
+def check_bad_input(report: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    by_cols = torch.nn.Parameter(distribute_tensor(torch.randn(12, 16), mesh, [Shard(1)]))
+    by_rows = torch.nn.Parameter(distribute_tensor(torch.randn(12, 16), mesh, [Shard(0)]))
+    plain = torch.nn.Parameter(torch.randn(12, 16))
+    expect_usage_error(lambda: gm.GaLoreAdamW([{"params": [by_cols], "rank": 2, "param_names": ["tp.weight"]}]),
+                       "'tp.weight'", "Shard(dim=1)", "Shard(0)")
+    expect_usage_error(lambda: gm.AdamMini([by_cols]), "Shard(dim=1)")
+    expect_usage_error(lambda: gm.GaLoreMini([{"params": [by_rows, plain], "rank": 2}]), "mixes DTensor", "[12, 16]")
+    expect_usage_error(lambda: gm.GaLoreAdamW8bit([{"params": [by_rows], "rank": 2}]), "8-bit", "GaLoreAdamW")
+    expect_usage_error(lambda: gm.GaLoreAdafactor([{"params": [by_rows], "rank": 2}]), "GaLoreAdafactor")
+    expect_usage_error(lambda: gm.GaLoreMini([{"params": [by_rows], "rank": 2}], approach=1), "approach")
+    # plain and sharded parameters in separate groups are fine; a gradient replaced by hand is not
+    opt = gm.GaLoreMini([{"params": [by_rows], "rank": 2}, {"params": [plain]}])
+    by_rows.grad = distribute_tensor(torch.ones(12, 16), mesh, [Replicate()])
+    expect_usage_error(opt.step, "the gradient of", "Replicate()")
+
+
+def check_parity_lite(report: dict) -> None:
+    check_parity(report, [("llama", "galore_mini"), ("qwen2", "galore_power"), ("qwen2", "adam_mini")])
+
+
+CHECKS = {"parity_lite": check_parity_lite, "hsdp": check_hsdp, "bad_input": check_bad_input, "parity": check_parity, "nan_clip": check_nan_and_clip, "layerwise": check_layerwise,
           "checkpoints": check_checkpoints, "ddp_layerwise": check_ddp_layerwise_refused}
 
 
