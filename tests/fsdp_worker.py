@@ -377,6 +377,19 @@ def check_bad_input(report: dict) -> None:
 
 def check_parity_lite(report: dict) -> None:
     check_parity(report, [("llama", "galore_mini"), ("qwen2", "galore_power"), ("qwen2", "adam_mini")])
+    # a one-process optimizer checkpoint (plain tensors, torch.save style) into a sharded optimizer:
+    # each rank takes its rows of the sharded keys, and the whole state is the saved one exactly
+    model, _, reference, ref_opt = train_pair("qwen2", "galore_mini", steps=2)
+    opt = make_optimizer(model, "galore_mini")
+    opt.load_state_dict(ref_opt.state_dict())
+    ref_states = [ref_opt.state[p] for g in ref_opt.param_groups for p in g["params"]]
+    states = [opt.state[p] for g in opt.param_groups for p in g["params"]]
+    for ref_state, state in zip(ref_states, states):
+        assert set(ref_state) == set(state)
+        for key, value in state.items():
+            whole = value.full_tensor() if hasattr(value, "full_tensor") else value
+            assert hasattr(value, "full_tensor") == (key not in ("step", "refresh", "similarity")), key
+            assert torch.equal(whole, ref_state[key]), key
 
 
 CHECKS = {"parity_lite": check_parity_lite, "hsdp": check_hsdp, "bad_input": check_bad_input, "parity": check_parity, "nan_clip": check_nan_and_clip, "layerwise": check_layerwise,

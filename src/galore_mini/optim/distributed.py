@@ -586,3 +586,46 @@ def _shard_step_class():
             return super().project(g)
 
     return ShardStep
+
+
+# -- communication, counted ----------------------------------------------------------------------
+
+
+def communication_bytes(shape: tuple[int, int], rank: int, side: str, world: int, *, method: str = "power",
+                        first: bool = False, n_blocks_reduced: int = 0, bytes_per_value: int = 4) -> dict[str, float]:
+    """Bytes one rank sends for one row-sharded weight of `shape` (m×n), with ring collectives.
+
+    A ring all-reduce of B bytes sends ``2(W-1)/W·B`` per rank, an all-gather of B bytes in all
+    ``(W-1)/W·B``. Returns ``{"step": …, "refresh": …}``: the step (left / full projections' partial
+    products and `n_blocks_reduced` block sums; right projections send nothing) and one refresh
+    (``method`` power, or randomized for the first refresh — `first` — with k = r + 8, or svd, which
+    gathers the gradient). Flags (one value per parameter) are left out: a few bytes.
+    """
+    m, n = shape
+    if world <= 1:
+        return {"step": 0.0, "refresh": 0.0}
+    reduce, gather = 2 * (world - 1) / world * bytes_per_value, (world - 1) / world * bytes_per_value
+    step = reduce * n_blocks_reduced
+    if side == "left":
+        step += reduce * rank * n
+    elif side == "full":
+        step += reduce * rank * rank
+    if method == "svd":
+        return {"step": step, "refresh": gather * m * n}
+    randomized = first or method == "randomized"
+    k = min(rank + OVERSAMPLE, m, n) if randomized else rank
+    passes = 1 + RANDOMIZED_POWER_STEPS if randomized else 1
+    if method == "random":
+        return {"step": step, "refresh": 0.0}
+    refresh = 0.0
+    if side in ("right", "full"):
+        # Gᵀ(G Q) or GᵀS per pass (n×k), then the k×k Gram matrix of the Ritz step
+        refresh += reduce * (passes * n * k + k * k)
+    if side in ("left", "full"):
+        # per pass: the m×k product's rows gathered for the QR (+ Gᵀq, n×k, after the first pass or
+        # Gᵀ P_old warm-starting); the Ritz step's k×n matrix; the r sign agreements when warm
+        reduced_passes = passes - 1 if randomized else 1
+        refresh += gather * passes * m * k + reduce * (reduced_passes * n * k + k * n)
+        if not randomized or not first:
+            refresh += reduce * rank
+    return {"step": step, "refresh": refresh}
