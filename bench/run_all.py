@@ -148,6 +148,13 @@ def render(results: Path, commands: list[str]) -> str:
         import gpu as gpu_mod
 
         out += ["## GPU", "", gpu_mod.render(gpu), ""]
+    scaling = _load(results, "fsdp_scaling")
+    if scaling:
+        import fsdp_scaling
+
+        out += ["## FSDP2 on CPU: 1, 2 and 4 ranks", "", fsdp_scaling.render(scaling), "",
+                "Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands above: it "
+                "spawns processes). Communication per step and refresh: `docs/distributed.md`.", ""]
     out += ["## Notes", "", NOTES, ""]
     kernels = _load(results, "update_kernels")
     if kernels:
