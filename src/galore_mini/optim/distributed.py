@@ -300,19 +300,19 @@ class ShardLayout:
 
     def partial_sums(self, g: torch.Tensor) -> torch.Tensor:
         """Sums of squares of the local rows per block: local rows (sharded v) or all blocks (replicated v)."""
-        g = g.float()
         rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+        # norms squared: one pass over the gradient, no full-size temporary (fp32 accumulation)
         if self.kind == "tensor":
-            return rows.square().sum().reshape(1)
-        if self.local_v:
-            return rows.square().sum(dim=1)
-        index = torch.repeat_interleave(torch.arange(self.base.n_blocks, device=g.device),
-                                        torch.tensor([size for count, size in self.base.runs for _ in range(count)],
-                                                     device=g.device))
+            return torch.linalg.vector_norm(rows, dtype=torch.float32).square().reshape(1)
+        if self.local_v or self.base.axis == 0:
+            per_row = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+            if self.local_v:
+                return per_row
+            out = torch.zeros(self.base.n_blocks, dtype=torch.float32, device=g.device)
+            return out.index_add_(0, self.spec.local_rows(_block_index(self.base, g.device)), per_row)
         out = torch.zeros(self.base.n_blocks, dtype=torch.float32, device=g.device)
-        if self.base.axis == 0:
-            return out.index_add_(0, self.spec.local_rows(index), rows.square().sum(dim=1))
-        return out.index_add_(0, index, g.square().sum(dim=0))
+        per_col = torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32).square()
+        return out.index_add_(0, _block_index(self.base, g.device), per_col)
 
     def set_sums(self, sums: torch.Tensor) -> None:
         """Global block sums of squares → block means (the blocks' sizes are the full parameter's)."""
@@ -321,9 +321,7 @@ class ShardLayout:
         elif self.local_v:
             self.means = sums / (math.prod(self.base.shape) // self.base.shape[0])
         else:
-            along = torch.tensor([size for count, size in self.base.runs for _ in range(count)],
-                                 dtype=torch.float32, device=sums.device)
-            self.means = sums / (along * (math.prod(self.base.shape) // self.base.shape[self.base.axis]))
+            self.means = sums / _block_numels(self.base, sums.device)
 
     def block_mean_sq(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "elementwise":
@@ -339,6 +337,19 @@ class ShardLayout:
             return per_block.reshape((per_block.shape[0],) + (1,) * (len(self.base.shape) - 1))
         full = self.base.expand(per_block)
         return self.spec.local_rows(full) if self.base.axis == 0 else full
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_index(base: BlockLayout, device: torch.device) -> torch.Tensor:
+    """The block of each index along the layout's axis (cached: read every step)."""
+    sizes = torch.tensor([size for count, size in base.runs for _ in range(count)], device=device)
+    return torch.repeat_interleave(torch.arange(base.n_blocks, device=device), sizes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_numels(base: BlockLayout, device: torch.device) -> torch.Tensor:
+    sizes = torch.tensor([size for count, size in base.runs for _ in range(count)], dtype=torch.float32, device=device)
+    return sizes * (math.prod(base.shape) // base.shape[base.axis])
 
 
 # -- the projector, found without gathering gradients -------------------------------------------
@@ -485,13 +496,14 @@ def _reduce_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Ten
 
 
 def global_finite_flags(probes: list[tuple[ShardSpec, torch.Tensor]]) -> list[bool]:
-    """Whether each parameter's gradient is finite on every rank: one all-reduce per process group and
-    one host read in all (the one-process step reads its flags on the host too)."""
+    """Whether each probe (a local gradient, or its block sums of squares) is finite on every rank: one
+    multi-tensor norm, one all-reduce per process group and one host read in all (the one-process step
+    reads its flags on the host too)."""
     if not probes:
         return []
-    bad = [(spec, (~torch.isfinite(torch.linalg.vector_norm(t.float(), 1))).float().reshape(1))
-           for spec, t in probes]
-    reduced = _reduce_flat(bad)
+    norms = torch._foreach_norm([t for _, t in probes], 1, dtype=torch.float32)
+    bad = (~torch.isfinite(torch.stack(norms))).float()
+    reduced = _reduce_flat([(spec, bad[i:i + 1]) for i, (spec, _) in enumerate(probes)])
     return (torch.cat(reduced) == 0).tolist()
 
 
@@ -507,11 +519,22 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
                              f"but the parameter is sharded {tuple(p.placements)}; FSDP2 hands each rank its "
                              "rows of the reduced gradient — do not replace .grad by hand")
         work.append((p, local(grad), group, spec))
+    # block sums of squares of the local rows; they double as the finiteness probe (the gradient is read once)
+    layouts, sums = [], []
+    for p, g, group, spec in work:
+        layout = ShardLayout(optimizer._block_layout(p.shape, group), spec) if optimizer.uses_blocks else None
+        blocked = layout is not None and layout.kind != "elementwise"
+        layouts.append(layout)
+        sums.append(layout.partial_sums(g) if blocked else None)
     checked = [i for i, item in enumerate(work) if item[2].get("nonfinite", "skip") != "off"]
     flags = [True] * len(work)
-    for i, ok in zip(checked, global_finite_flags([(work[i][3], work[i][1]) for i in checked])):
+    probes = [(work[i][3], sums[i] if sums[i] is not None else work[i][1]) for i in checked]
+    for i, ok in zip(checked, global_finite_flags(probes)):
         flags[i] = ok
-    ready = [item for item, ok in zip(work, flags) if optimizer._admit(item[:3], ok)]
+    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item[:3], ok)]
+    ready = [work[i] for i in admitted]
+    layouts = [layouts[i] for i in admitted]
+    sums = [sums[i] for i in admitted]
     steps = optimizer._next_steps(ready)
     if not ready:
         return
@@ -527,12 +550,9 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
                                          shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group)))
     # every sum this step needs, in one all-reduce: left projections and block sums of squares
     pieces, owners = [], []
-    layouts = []
     for index, ((p, g, group, spec), view) in enumerate(zip(ready, views)):
-        layout = ShardLayout(optimizer._block_layout(p.shape, group), spec) if optimizer.uses_blocks else None
-        layouts.append(layout)
-        if layout is not None and layout.kind != "elementwise":
-            pieces.append((spec if layout.needs_reduction else _NO_GROUP, layout.partial_sums(g)))
+        if sums[index] is not None:
+            pieces.append((spec if layouts[index].needs_reduction else _NO_GROUP, sums[index]))
             owners.append(("sums", index))
         if "rank" in group:
             side = resolve_side(group["proj_type"], p.shape)
