@@ -148,6 +148,19 @@ def render(results: Path, commands: list[str]) -> str:
         import gpu as gpu_mod
 
         out += ["## GPU", "", gpu_mod.render(gpu), ""]
+    scaling = _load(results, "fsdp_scaling")
+    if scaling:
+        import fsdp_scaling
+
+        out += ["## FSDP2 on CPU: 1, 2 and 4 ranks", "", fsdp_scaling.render(scaling), "",
+                "Reading: the per-rank state falls as 1/ranks for Adam-mini and close to it for GaLore and "
+                "GaLore-mini (their right projectors, left projections' moments and per-head `v` are "
+                "replicated). The times here are not a speed measurement: the ranks share 2 cores with other "
+                "jobs (see the load average), so 2 and 4 ranks run interleaved on the same cores. The refresh "
+                "step is latency-bound at 4 ranks: the sharded refresh issues 2-4 small collectives per weight, "
+                "one weight at a time (batching them across weights, as the step already does, is the next "
+                "step). Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands "
+                "above: it spawns processes). Communication per step and refresh: `docs/distributed.md`.", ""]
     out += ["## Notes", "", NOTES, ""]
     kernels = _load(results, "update_kernels")
     if kernels:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim import quant
+from galore_mini.optim import distributed, quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
 from galore_mini.optim.projection import (
     PROJ_METHODS,
@@ -316,6 +316,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if self.uses_blocks and "block" in group:
             for p in group["params"]:
                 parse_block(group["block"], p.shape)
+        distributed.check_group(self, group)
 
     def _validate_projection(self, group: dict[str, Any]) -> None:
         rank = group["rank"]
@@ -384,7 +385,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _state_layout(self, shape, work_shape, group) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
 
+    def _shard_spec(self, p: torch.Tensor) -> distributed.ShardSpec:
+        # cached: a parameter's placements do not change while the optimizer holds it
+        cache = self.__dict__.setdefault("_shard_specs", {})
+        spec = cache.get(id(p))
+        if spec is None:
+            spec = cache[id(p)] = distributed.shard_spec(p)
+        return spec
+
     def _init_state(self, p: torch.Tensor, group, state: dict) -> None:
+        if distributed.is_dtensor(p):
+            distributed.init_state(self, p, group, state)
+            return
         for key, (dims, dtype) in self.state_layout(p.shape, group).items():
             device = "cpu" if key in HOST_STATE else p.device
             if dtype == torch.uint8:
@@ -434,6 +446,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
         return group
 
     def _step_items(self, items: list[tuple[torch.Tensor, dict]]) -> None:
+        if any(distributed.is_dtensor(p) for p, _ in items):
+            # FSDP2 / DTensor parameters: local shards, explicit small collectives (see .distributed)
+            distributed.step_sharded(self, [item for item in items if distributed.is_dtensor(item[0])])
+            items = [item for item in items if not distributed.is_dtensor(item[0])]
         work = []  # (param, grad, group, block layout or None, block norms or None)
         for p, group in items:
             grad = self._checked_grad(p)
@@ -611,15 +627,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self._install_projector(p, group, state, side, t, new, had_projector)
 
     def _install_projector(self, p, group, state, side: str, t: int, new: dict[str, torch.Tensor],
-                           had_projector: bool) -> None:
-        """Adopt a new projector: treat the moments per `moment_policy`, adapt the gap, schedule the next refresh."""
+                           had_projector: bool, shard: "distributed.ShardedProjectors | None" = None) -> None:
+        """Adopt a new projector: treat the moments per `moment_policy`, adapt the gap, schedule the next refresh.
+
+        With `shard` (a DTensor parameter) `state` holds local shards and `new` whole projectors; sharded
+        projectors are gathered only where the moments are rotated or the subspaces compared.
+        """
         refresh = state["refresh"]
         if had_projector:
-            self._on_subspace_change(group, state, side, new)
+            needs_old = group["moment_policy"] == "project" or group["adaptive_gap"]
+            old = shard.whole(state) if shard is not None and needs_old else state
+            self._on_subspace_change(group, old, side, new)
             if group["adaptive_gap"]:
-                self._adapt_gap(group, state, side, new)
+                self._adapt_gap(group, old, side, new)
         for key, value in new.items():
-            state[key].copy_(value)
+            state[key].copy_(value if shard is None else shard.local_of(key, value))
         gap = int(refresh[1])
         if not had_projector and group["stagger_refresh"]:
             # spread the second refreshes over the first window so no single step pays for every SVD
@@ -724,7 +746,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
                         f"optimizer checkpoint state {key!r} has shape {list(value.shape)} but a parameter of shape "
                         f"{list(p.shape)} with these options needs {list(dims)} (different rank or model?)"
                     )
-                restored[key] = value.to("cpu" if key in HOST_STATE else p.device).clone()
+                if distributed.is_dtensor(value) or distributed.is_dtensor(p):
+                    restored[key] = distributed.to_state_tensor(self, p, groups[id(p)], key, value)
+                else:
+                    restored[key] = value.to("cpu" if key in HOST_STATE else p.device).clone()
             self.state[p] = restored
 
     def _check_structure(self, saved_groups) -> None:
@@ -744,7 +769,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
     # -- introspection -----------------------------------------------------------------------
 
     def state_bytes(self) -> int:
-        """Bytes held by all state tensors."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+        """Bytes held by all state tensors (on this rank: a DTensor counts its local shard)."""
+        return sum(distributed.local(v).numel() * v.element_size() for s in self.state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
 

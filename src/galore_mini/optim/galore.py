@@ -117,6 +117,10 @@ class GaLoreAdafactor(ComposedOptimizer):
     ``W ← W - λ·lr_t·W``; ``W ← W - back(U)``.
     """
 
+    #: why DTensor (FSDP2) parameters are refused (see galore_mini.optim.distributed)
+    distributed_unsupported = ("GaLoreAdafactor's factored second moment and relative step need reductions across "
+                               "shards that are not implemented yet")
+
     def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
                  decay_rate: float = -0.8, beta1=None, weight_decay: float = 0.0,
                  scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,

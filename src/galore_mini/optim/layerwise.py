@@ -79,6 +79,18 @@ one single-parameter instance per parameter that shares the wrapped optimizer's
 ``state`` and reads its group's hyperparameters (so schedulers and
 ``state_dict()`` work); optimizers with group-level state are not supported.
 
+**Data parallelism.** Under ``DistributedDataParallel`` the hooks fire *before* DDP averages the
+gradients across ranks, so each replica would update from its own gradient and the replicas would
+drift apart: :func:`layerwise` refuses a DDP model, and plain parameters while a process group of more
+than one rank is initialised (pass ``independent_ranks=True`` when each rank really trains its own
+model). Under **FSDP2** (``fully_shard``: DTensor parameters) it works: FSDP2 calls each sharded
+parameter's post-accumulate-grad hooks after its reduce-scatter, so every rank updates its rows from
+the reduced gradient, layer by layer inside backward (tested equal to ordinary steps). To accumulate
+under FSDP2, call ``model.set_requires_gradient_sync(False)`` before all but the last micro-batch and
+keep ``accumulation_steps=1``: FSDP2 calls the hooks only in the backward where it reduces (so
+``accumulation_steps > 1`` is refused there). Clipping reduces each sharded gradient's norm across
+ranks (one small all-reduce per parameter).
+
 **Limits.** AMP with ``GradScaler`` (fp16) is not supported (gradients would be
 used before unscaling); bf16 autocast needs no scaler and works. Activation
 checkpointing works (non-reentrant, and reentrant as long as no weight is used
@@ -99,6 +111,12 @@ from torch import nn
 from galore_mini.errors import UsageError
 
 __all__ = ["LayerwiseUpdates", "layerwise"]
+
+
+def _is_dtensor(t) -> bool:
+    from galore_mini.optim.distributed import is_dtensor
+
+    return is_dtensor(t)
 
 _CLIP_EPS = 1e-6
 # Gradient bytes stepped together: each bucket is one host sync and one multi-tensor batch, and its
@@ -162,7 +180,7 @@ class LayerwiseUpdates:
 
     def __init__(self, model_or_params: nn.Module | Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, *,
                  accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, independent_ranks: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
@@ -186,6 +204,7 @@ class LayerwiseUpdates:
         self.last_grad_norm: torch.Tensor | None = None
 
         params = self._collect(model_or_params)
+        self._check_parallelism(model_or_params, params, accumulation_steps, independent_ranks)
         managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
         foreign = [p for p in params if id(p) not in managed]
         if foreign:
@@ -216,6 +235,11 @@ class LayerwiseUpdates:
         self._bucket_size = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self._guard = optimizer.register_step_pre_hook(self._guard_step)
+        self._forward_hook = None
+        if isinstance(model_or_params, nn.Module) and any(_is_dtensor(p) for p in params):
+            # FSDP2 calls no hook in a backward without gradient sync: clear `stepped` when the next
+            # micro-batch starts instead
+            self._forward_hook = model_or_params.register_forward_pre_hook(self._on_forward)
         optimizer._layerwise_handle = self
 
     @staticmethod
@@ -243,7 +267,48 @@ class LayerwiseUpdates:
             raise UsageError("layerwise(): no trainable parameters given")
         return params
 
+    @staticmethod
+    def _check_parallelism(model_or_params, params, accumulation_steps: int, independent_ranks: bool) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from galore_mini.optim.distributed import is_dtensor
+
+        if isinstance(model_or_params, DistributedDataParallel):
+            raise UsageError(
+                "layerwise() was given a DistributedDataParallel model: its hooks fire before DDP averages the "
+                "gradients across ranks, so each replica would update from its own gradient and drift apart. Use "
+                "ordinary optimizer.step() under DDP, or shard the model with FSDP2 (fully_shard), where "
+                "layer-wise updates see the reduced gradient"
+            )
+        sharded = [is_dtensor(p) for p in params]
+        if any(sharded):
+            if not all(sharded):
+                raise UsageError("layerwise(): some parameters are DTensors (FSDP2) and some plain tensors; shard the "
+                                 "whole model with fully_shard (each decoder layer and the root)")
+            if accumulation_steps != 1:
+                raise UsageError(
+                    f"accumulation_steps={accumulation_steps} with FSDP2 (DTensor) parameters: FSDP2 calls the "
+                    "hooks only in a backward where it reduces gradients, so micro-batches cannot be counted here. "
+                    "Call model.set_requires_gradient_sync(False) before all but the last micro-batch (True before "
+                    "the last) and pass accumulation_steps=1"
+                )
+            return
+        if independent_ranks or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() > 1:
+            raise UsageError(
+                f"layerwise() with plain (unsharded) parameters while a process group of "
+                f"{torch.distributed.get_world_size()} ranks is initialised: under DistributedDataParallel the hooks "
+                "fire before the gradients are averaged across ranks, so the replicas would drift apart. Use "
+                "ordinary optimizer.step() under DDP, shard the model with FSDP2 (fully_shard), or pass "
+                "independent_ranks=True if each rank trains its own model"
+            )
+
     # -- hooks -------------------------------------------------------------------------------
+
+    def _on_forward(self, *_args) -> None:
+        if not self._in_backward:
+            self.stepped = False
 
     def _final_micro_batch(self) -> bool:
         return self.micro_step + 1 >= self.accumulation_steps
@@ -303,7 +368,13 @@ class LayerwiseUpdates:
 
     @torch.no_grad()
     def _clip(self, grad: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        from galore_mini.optim.distributed import is_dtensor
+
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        if is_dtensor(sq):  # a sharded gradient's norm, reduced across its ranks
+            sq = sq.full_tensor()
+            grad = grad.to_local()
+        sq = sq.square()
         if self._sq_sum is None:
             self._sq_sum = torch.zeros((), dtype=torch.float32, device=grad.device)
         sq = sq.to(self._sq_sum.device)
@@ -365,6 +436,9 @@ class LayerwiseUpdates:
             hook.remove()
         self._hooks = []
         self._guard.remove()
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
         if getattr(self.optimizer, "_layerwise_handle", None) is self:
             self.optimizer._layerwise_handle = None
 
@@ -416,11 +490,12 @@ class LayerwiseUpdates:
 
 def layerwise(model_or_params: nn.Module | Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, *,
               accumulation_steps: int = 1, max_grad_norm: float | None = None,
-              bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> LayerwiseUpdates:
+              bucket_bytes: int = DEFAULT_BUCKET_BYTES, independent_ranks: bool = False) -> LayerwiseUpdates:
     """Update each parameter inside ``backward()`` as soon as its gradient is final; frees it at once.
 
     Returns a :class:`LayerwiseUpdates` handle (``.remove()``, ``.stepped``, ``.state_dict()`` …).
     See the module :mod:`galore_mini.optim.layerwise` for the loop, accumulation and the clipping rule.
     """
     return LayerwiseUpdates(model_or_params, optimizer, accumulation_steps=accumulation_steps,
-                            max_grad_norm=max_grad_norm, bucket_bytes=bucket_bytes)
+                            max_grad_norm=max_grad_norm, bucket_bytes=bucket_bytes,
+                            independent_ranks=independent_ranks)

@@ -1,0 +1,54 @@
+"""Communication of the sharded optimizers, per step and per refresh, for LLaMA-7B (or any shape set).
+
+    PYTHONPATH=src python3 bench/fsdp_comm.py --world 8 --rank 1024
+
+Counts come from ``galore_mini.optim.distributed.communication_bytes`` (ring collectives, fp32), per
+rank, summed over the projected weights of all layers with the ``std`` side rule (and with
+``proj_type="right"``, the shard-local choice); FSDP2's own traffic (bf16 all-gather in forward and
+backward, fp32 reduce-scatter) is printed beside them for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from galore_mini.optim.distributed import communication_bytes
+from galore_mini.optim.projection import resolve_side
+
+
+def llama_weights(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000):
+    per_layer = [("q_proj", (hidden, hidden), heads), ("k_proj", (hidden, hidden), heads),
+                 ("v_proj", (hidden, hidden), 0), ("o_proj", (hidden, hidden), 0),
+                 ("gate_proj", (intermediate, hidden), 0), ("up_proj", (intermediate, hidden), 0),
+                 ("down_proj", (hidden, intermediate), 0)]
+    params = layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + 2 * vocab * hidden + hidden
+    return per_layer, layers, params
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=1024)
+    args = parser.parse_args(argv)
+    per_layer, layers, params = llama_weights()
+    world, r = args.world, args.rank
+    gb = 1e9
+    print(f"LLaMA-7B ({params / 1e9:.2f}B parameters), rank {r}, {world} ranks; GB sent per rank (ring, fp32)")
+    for proj_type in ("std", "right"):
+        totals = {"step": 0.0, "first refresh": 0.0, "power refresh": 0.0, "svd refresh": 0.0}
+        for _, shape, heads in per_layer:
+            side = resolve_side(proj_type, shape)
+            # GaLore-mini's per-head v of q/k (and 2 norms per layer, counted with q) cross ranks
+            blocks = heads + (2 if heads and shape == per_layer[0][1] and _ == "q_proj" else 0)
+            power = communication_bytes(shape, r, side, world, n_blocks_reduced=blocks)
+            totals["step"] += layers * power["step"]
+            totals["power refresh"] += layers * power["refresh"]
+            totals["first refresh"] += layers * communication_bytes(shape, r, side, world, first=True)["refresh"]
+            totals["svd refresh"] += layers * communication_bytes(shape, r, side, world, method="svd")["refresh"]
+        print(f"  proj_type={proj_type!r}: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in totals.items()))
+    fsdp = (world - 1) / world * params * (2 * 2 + 4)
+    print(f"  FSDP2 itself per step (bf16 all-gather ×2, fp32 reduce-scatter): {fsdp / gb:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,651 @@
+"""The optimizers on FSDP2 / DTensor parameters: work on the local shard, reduce only what must cross ranks.
+
+``torch.distributed.fsdp.fully_shard`` turns every parameter into a DTensor whose rows are split over
+the ranks (``Shard(0)``; when the rows do not divide by the world size the last ranks hold fewer, or
+none). The optimizers take such parameters as they come: each rank updates the rows it holds, from
+the gradient rows FSDP2's reduce-scatter handed it, and the arithmetic is the one-process arithmetic
+(equal to fp32 round-off of the reductions; tested at 2 and 3 ranks). What crosses ranks:
+
+* **Right projection** of a row-sharded weight (``std`` with rows ≥ cols): the projector ``Q`` (r×n)
+  is replicated, ``R = G_i Qᵀ``, the moments (rows of the m×r low-rank matrix) and ``back`` are local.
+  **No communication in the step.**
+* **Left projection** (``std`` with rows < cols, e.g. ``down_proj`` and GQA ``k_proj``/``v_proj``):
+  ``P`` (m×r) is sharded like the rows of W, ``R = Pᵀ G = Σ_i P_iᵀ G_i`` is one all-reduce of an r×n
+  matrix (never the gradient); the moments (r×n) are replicated; ``back`` is local (``P_i · N``).
+  ``proj_type="right"`` is the documented shard-local choice: every weight then projects its columns,
+  so the step needs no communication at all (a different algorithm for m < n weights than ``std``).
+* **Adam-mini / GaLore-mini blocks**: one ``v`` per row ("rows": output neurons, tokens) is sharded
+  with the rows and needs nothing; any other layout (heads — a head's rows may straddle a shard
+  boundary —, GQA key heads, columns, whole tensor) keeps its few scalars replicated, and the block
+  sums of squares of the local rows are summed across ranks.
+* **Non-finite gradients**: one flag per parameter, reduced, so a NaN on one rank skips that
+  parameter on every rank.
+
+All sums of a step (left projections and block sums of every parameter) travel in **one**
+all-reduce per process group, plus one for the finiteness flags (which the one-process step reads
+on the host anyway: no new host synchronisation per parameter).
+
+**Refresh.** The warm-started power iteration (``proj_method="power"``) and the randomized range
+finder never gather a gradient: for a right projection ``Gᵀ(G Q) = Σ_i G_iᵀ(G_i Q)`` is one all-reduce
+of an n×k sketch per power step and the Rayleigh–Ritz step one of a k×k Gram matrix; for a left
+projection ``Gᵀ P = Σ_i G_iᵀ P_i`` (n×k all-reduce), the m×k product's rows are gathered for the QR,
+and the Ritz step reduces a k×n matrix (k = r, or r + 8 for the range finder). Random sketches are
+drawn whole with the one-process seeds on every rank (each takes its rows), so every rank reaches
+the same projector, and the one-process one. ``proj_method="svd"`` gathers the gradient (m×n) and
+takes the exact SVD on every rank: the slow reference. ``docs/distributed.md`` has the byte counts.
+
+**State** is DTensors on the parameter's mesh: ``Shard(0)`` for anything laid out like the rows of W
+(full-size moments, low-rank moments of a right projection, a left projector, per-row ``v``),
+``Replicate()`` for the rest (right projectors, left-projection moments, head / tensor ``v``); step
+counters and the refresh schedule stay plain host tensors (identical on every rank). So
+``torch.distributed.checkpoint`` saves, loads and reshards the optimizer like the model.
+
+**Supported placements**: ``Shard(0)`` on one mesh dimension and ``Replicate()`` on any others (FSDP2,
+HSDP), or all-``Replicate``. ``Shard(1)`` (tensor parallelism), ``_StridedShard``, ``Partial`` and a
+projected group that mixes DTensor and plain parameters are refused with a :class:`UsageError`.
+Not yet on DTensors: ``GaLoreAdafactor``, 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``),
+GaLore-mini's ablations (approach 1 and 2); they raise at construction. DTensor parameters take the
+single-tensor reference step (the multi-tensor path is one-process only for now).
+
+Example (``torchrun --nproc_per_node 2 train.py``)::
+
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = gm.create_optimizer(model, "galore_mini", lr=1e-2, rank=128)
+    loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from galore_mini.errors import UsageError
+from galore_mini.optim.blocks import BlockLayout
+from galore_mini.optim.projection import OVERSAMPLE, RANDOMIZED_POWER_STEPS, compute_projector, resolve_side
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - older torch: no DTensor, nothing to shard
+    DTensor = None
+
+__all__ = ["is_dtensor", "ShardSpec", "shard_spec"]
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The local shard of a DTensor (a view: in-place updates reach the DTensor), `t` otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass
+class ShardSpec:
+    """Where one DTensor parameter's rows live: its mesh and placements, the process group that holds
+    the other rows (None when nothing is sharded), and this rank's rows ``[offset, offset + rows)``."""
+
+    mesh: object
+    placements: tuple
+    group: object
+    rows_total: int
+    offset: int
+    rows: int
+    key: tuple = field(default=())
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        return full.narrow(0, self.offset, self.rows)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def gather_rows(self, part: torch.Tensor) -> torch.Tensor:
+        """The full tensor whose rows are sharded as this parameter's (uneven shards included)."""
+        if self.group is None:
+            return part
+        shape = (self.rows_total, *part.shape[1:])
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(part.contiguous(), self.mesh, self.placements, run_check=False, shape=shape,
+                                  stride=stride).full_tensor()
+
+    def sharded(self, local_part: torch.Tensor, shape) -> "DTensor":
+        """A state DTensor laid out like the parameter's rows."""
+        shape = tuple(shape)
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return DTensor.from_local(local_part, self.mesh, self.placements, run_check=False, shape=torch.Size(shape),
+                                  stride=stride)
+
+    def replicated(self, full: torch.Tensor) -> "DTensor":
+        return DTensor.from_local(full, self.mesh, [Replicate()] * self.mesh.ndim, run_check=False)
+
+    def local_shape(self, shape) -> tuple[int, ...]:
+        return (self.rows, *tuple(shape)[1:])
+
+
+def _describe(p: torch.Tensor, group: dict | None, index: int | None) -> str:
+    names = (group or {}).get("param_names")
+    if names and index is not None and index < len(names):
+        return f"parameter {names[index]!r} (shape {list(p.shape)})"
+    return f"a parameter of shape {list(p.shape)}"
+
+
+def shard_spec(p: torch.Tensor, group: dict | None = None, index: int | None = None) -> ShardSpec:
+    """The :class:`ShardSpec` of a DTensor parameter; a clear error for placements we cannot serve."""
+    from torch.distributed.tensor.placement_types import Partial
+
+    placements = tuple(p.placements)
+    mesh = p.device_mesh
+    sharded_dims = []
+    for dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is Shard and placement.dim == 0:
+            sharded_dims.append(dim)
+            continue
+        kind = "Partial (an unreduced gradient)" if isinstance(placement, Partial) else repr(placement)
+        raise UsageError(
+            f"{_describe(p, group, index)} is a DTensor with placement {kind} on mesh dimension {dim}: the "
+            "optimizers support row sharding only (Shard(0), as FSDP2's fully_shard produces, with Replicate on "
+            "other mesh dimensions); for tensor parallelism (Shard(1)) leave that weight out of the projected "
+            "groups and use an optimizer that shards nothing, or shard it by rows"
+        )
+    if len(sharded_dims) > 1:
+        raise UsageError(f"{_describe(p, group, index)} is sharded by rows on {len(sharded_dims)} mesh dimensions "
+                         f"{placements}; shard it on one mesh dimension (FSDP2 or HSDP)")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(tuple(p.shape), mesh, placements)
+    pg = mesh.get_group(sharded_dims[0]) if sharded_dims and mesh.size(sharded_dims[0]) > 1 else None
+    rows_total = p.shape[0] if p.dim() else 1
+    return ShardSpec(mesh, placements, pg, rows_total, int(offset[0]) if p.dim() else 0,
+                     int(local_shape[0]) if p.dim() else 1, key=(id(mesh), placements))
+
+
+# -- state layout --------------------------------------------------------------------------------
+
+
+def _rows_layout(layout: BlockLayout) -> bool:
+    """One block per row: `v` is laid out like the rows of W, so it shards with them."""
+    return layout.kind == "axis" and layout.axis == 0 and all(size == 1 for _, size in layout.runs)
+
+
+def sharded_keys(optimizer, p: torch.Tensor, group: dict) -> set[str]:
+    """State keys laid out like the rows of `p` (sharded with them); the others are replicated."""
+    from galore_mini.optim.core import HOST_STATE
+
+    keys = set()
+    side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
+    blocks = optimizer._block_layout(p.shape, group) if optimizer.uses_blocks else None
+    for key in optimizer.state_layout(p.shape, group):
+        if key in HOST_STATE or key == "projector_right":
+            continue
+        if key == "projector":
+            if side in ("left", "full"):
+                keys.add(key)
+        elif key == "exp_avg_sq" and blocks is not None and blocks.kind != "elementwise":
+            if _rows_layout(blocks):
+                keys.add(key)
+        elif side in (None, "right"):
+            keys.add(key)  # full-size moments, or an m×r low-rank moment
+    return keys
+
+
+def check_group(optimizer, group: dict) -> None:
+    """Refuse at construction what the sharded step cannot do (named, with what to do instead)."""
+    params = group["params"]
+    flags = [is_dtensor(p) for p in params]
+    if not any(flags):
+        return
+    name = type(optimizer).__name__
+    if "rank" in group and not all(flags):
+        plain = next(i for i, f in enumerate(flags) if not f)
+        raise UsageError(
+            f"{name}: a projected group mixes DTensor (FSDP2-sharded) parameters with plain ones, e.g. "
+            f"{_describe(params[plain], group, plain)}: shard the whole model with fully_shard (each decoder layer "
+            "and the root), or put the plain parameters in a group of their own"
+        )
+    why = None
+    if getattr(optimizer, "distributed_unsupported", None):
+        why = optimizer.distributed_unsupported
+    elif group.get("moment_bits", getattr(optimizer, "moment_bits", 32)) == 8:
+        why = "8-bit moments (block-wise quantisation across shard boundaries) are not supported on DTensors yet"
+    elif "rank" in group and group.get("approach", 3) != 3:
+        why = "GaLore-mini's ablations (approach 1 and 2) run in one process only; use approach=3"
+    if why:
+        index = flags.index(True)
+        raise UsageError(f"{name}: {_describe(params[index], group, index)} is a DTensor (FSDP2-sharded): {why}. "
+                         "Use GaLoreAdamW, GaLoreMini (approach 3) or AdamMini with fp32 moments")
+    for index, p in enumerate(params):
+        if flags[index]:
+            shard_spec(p, group, index)
+
+
+def init_state(optimizer, p: torch.Tensor, group: dict, state: dict) -> None:
+    """Allocate `p`'s state as DTensors (see module docstring for the placements)."""
+    from galore_mini.optim import quant
+    from galore_mini.optim.core import HOST_STATE
+
+    spec = optimizer._shard_spec(p)
+    sharded = sharded_keys(optimizer, p, group)
+    for key, (dims, dtype) in optimizer.state_layout(p.shape, group).items():
+        if key in HOST_STATE:
+            state[key] = torch.zeros(dims, dtype=dtype, device="cpu")
+            continue
+        fill = quant.zero_code(not key.startswith("exp_avg_sq")) if dtype == torch.uint8 else 0
+        if key in sharded:
+            state[key] = spec.sharded(torch.full(spec.local_shape(dims), fill, dtype=dtype, device=p.device), dims)
+        else:
+            state[key] = spec.replicated(torch.full(dims, fill, dtype=dtype, device=p.device))
+    if "refresh" in state:
+        state["refresh"].copy_(torch.tensor([1, group["update_proj_gap"], 0]))
+
+
+def to_state_tensor(optimizer, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor in the layout this run's parameter needs (a one-process checkpoint into a
+    sharded run takes this rank's rows; a DTensor into a plain run is gathered)."""
+    from galore_mini.optim.core import HOST_STATE
+
+    if key in HOST_STATE:
+        return (value.full_tensor() if is_dtensor(value) else value).to("cpu").clone()
+    if not is_dtensor(p):
+        return (value.full_tensor() if is_dtensor(value) else value).to(p.device).clone()
+    spec = optimizer._shard_spec(p)
+    wanted = [Shard(0) if isinstance(x, Shard) else Replicate() for x in spec.placements] \
+        if key in sharded_keys(optimizer, p, group) else [Replicate()] * spec.mesh.ndim
+    if is_dtensor(value):
+        if tuple(value.placements) != tuple(wanted) or value.device_mesh != spec.mesh:
+            value = value.redistribute(spec.mesh, wanted) if value.device_mesh == spec.mesh else value.full_tensor()
+        if is_dtensor(value):
+            return value.to(p.device).clone()
+    full = value.to(p.device)
+    if key in sharded_keys(optimizer, p, group):
+        return spec.sharded(spec.local_rows(full).clone(), full.shape)
+    return spec.replicated(full.clone())
+
+
+# -- blocks across shards ------------------------------------------------------------------------
+
+
+class ShardLayout:
+    """A parameter's block layout seen from one rank's rows.
+
+    ``v`` per row is sharded with the rows: its local entries need only the local gradient. Any other
+    layout keeps ``v`` whole on every rank: :meth:`partial_sums` are this rank's block sums of squares,
+    summed across ranks before :meth:`set_sums` (so a block that straddles a shard boundary gets one
+    ``v`` from all its rows). Offers what ``ParamStep`` and the optimizers' ``_update`` use of a
+    :class:`BlockLayout`: ``kind``, ``n_blocks``, ``block_mean_sq``, ``expand``.
+    """
+
+    def __init__(self, base: BlockLayout, spec: ShardSpec):
+        self.base, self.spec, self.kind = base, spec, base.kind
+        self.local_v = base.kind == "elementwise" or _rows_layout(base)
+        self.means: torch.Tensor | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return self.spec.rows if self.local_v and self.kind != "elementwise" else self.base.n_blocks
+
+    @property
+    def needs_reduction(self) -> bool:
+        return not self.local_v
+
+    def partial_sums(self, g: torch.Tensor) -> torch.Tensor:
+        """Sums of squares of the local rows per block: local rows (sharded v) or all blocks (replicated v)."""
+        rows = g.reshape(g.shape[0], -1) if g.dim() else g.reshape(1, 1)
+        # norms squared: one pass over the gradient, no full-size temporary (fp32 accumulation)
+        if self.kind == "tensor":
+            return torch.linalg.vector_norm(rows, dtype=torch.float32).square().reshape(1)
+        if self.local_v or self.base.axis == 0:
+            per_row = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+            if self.local_v:
+                return per_row
+            out = torch.zeros(self.base.n_blocks, dtype=torch.float32, device=g.device)
+            return out.index_add_(0, self.spec.local_rows(_block_index(self.base, g.device)), per_row)
+        out = torch.zeros(self.base.n_blocks, dtype=torch.float32, device=g.device)
+        per_col = torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32).square()
+        return out.index_add_(0, _block_index(self.base, g.device), per_col)
+
+    def set_sums(self, sums: torch.Tensor) -> None:
+        """Global block sums of squares → block means (the blocks' sizes are the full parameter's)."""
+        if self.kind == "tensor":
+            self.means = sums / math.prod(self.base.shape)
+        elif self.local_v:
+            self.means = sums / (math.prod(self.base.shape) // self.base.shape[0])
+        else:
+            self.means = sums / _block_numels(self.base, sums.device)
+
+    def block_mean_sq(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "elementwise":
+            return x * x
+        return self.means
+
+    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
+        if self.kind == "elementwise":
+            return per_block
+        if self.kind == "tensor":
+            return per_block.reshape((1,) * len(self.base.shape))
+        if self.local_v:
+            return per_block.reshape((per_block.shape[0],) + (1,) * (len(self.base.shape) - 1))
+        full = self.base.expand(per_block)
+        return self.spec.local_rows(full) if self.base.axis == 0 else full
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_index(base: BlockLayout, device: torch.device) -> torch.Tensor:
+    """The block of each index along the layout's axis (cached: read every step)."""
+    sizes = torch.tensor([size for count, size in base.runs for _ in range(count)], device=device)
+    return torch.repeat_interleave(torch.arange(base.n_blocks, device=device), sizes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_numels(base: BlockLayout, device: torch.device) -> torch.Tensor:
+    sizes = torch.tensor([size for count, size in base.runs for _ in range(count)], dtype=torch.float32, device=device)
+    return sizes * (math.prod(base.shape) // base.shape[base.axis])
+
+
+# -- the projector, found without gathering gradients -------------------------------------------
+
+
+def _ritz(q: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
+    _, eigvecs = torch.linalg.eigh(gram)
+    return q @ eigvecs[..., -rank:].flip(-1)
+
+
+def _right_basis(spec: ShardSpec, g: torch.Tensor, rank: int, method: str, previous, generator,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """n×r basis of the leading right singular subspace of G (rows sharded), the same on every rank:
+    the one-process ``_left_basis_from(Gᵀ …)`` with its products summed over the ranks."""
+    n, m = g.shape[1], spec.rows_total
+    gc = g.to(dtype)
+
+    def sketch_of(y):  # Gᵀ (G y): n×k, one all-reduce
+        return spec.all_reduce((gc.mT @ (gc @ y.to(dtype))).float())
+
+    def ritz(q):  # qᵀGᵀ G q = Σ_i (G_i q)ᵀ(G_i q): one k×k all-reduce
+        h = (gc @ q.to(dtype)).float()
+        return _ritz(q, spec.all_reduce(h.mT @ h), rank)
+
+    if method == "random":
+        basis, _ = torch.linalg.qr(torch.randn((n, rank), generator=generator).to(g.device))
+        return basis
+    if method == "power" and previous is not None:
+        basis = ritz(torch.linalg.qr(sketch_of(previous))[0])
+    else:
+        k = min(rank + OVERSAMPLE, n, m)
+        sketch = torch.randn((m, k), generator=generator).to(device=g.device, dtype=dtype)
+        q, _ = torch.linalg.qr(spec.all_reduce((gc.mT @ spec.local_rows(sketch)).float()))
+        for _ in range(RANDOMIZED_POWER_STEPS):
+            q, _ = torch.linalg.qr(sketch_of(q))
+        basis = ritz(q)
+    if previous is not None:
+        basis = basis * torch.where((basis * previous).sum(dim=-2, keepdim=True) < 0, -1.0, 1.0)
+    return basis
+
+
+def _left_basis(spec: ShardSpec, g: torch.Tensor, rank: int, method: str, previous_rows, generator,
+                dtype: torch.dtype) -> torch.Tensor:
+    """m×r basis (whole, on every rank) of the leading left singular subspace of G (rows sharded);
+    `previous_rows` is this rank's rows of the previous basis. The m×k products are gathered for the
+    QR (k-column matrices, never the gradient)."""
+    m, n = spec.rows_total, g.shape[1]
+    gc = g.to(dtype)
+
+    def gathered(x):  # G x for x n×k replicated: this rank's rows, gathered
+        return spec.gather_rows((gc @ x.to(dtype)).float())
+
+    def t_times(q_rows):  # Gᵀ q = Σ_i G_iᵀ q_i: n×k all-reduce
+        return spec.all_reduce((gc.mT @ q_rows.to(dtype)).float())
+
+    def ritz(q):  # small = qᵀ G = Σ_i q_iᵀ G_i: one k×n all-reduce
+        small = spec.all_reduce((spec.local_rows(q).to(dtype).mT @ gc).float())
+        return _ritz(q, small @ small.mT, rank)
+
+    if method == "random":
+        basis, _ = torch.linalg.qr(torch.randn((m, rank), generator=generator).to(g.device))
+        return basis
+    if method == "power" and previous_rows is not None:
+        q, _ = torch.linalg.qr(gathered(t_times(previous_rows)))
+        basis = ritz(q)
+    else:
+        k = min(rank + OVERSAMPLE, m, n)
+        sketch = torch.randn((n, k), generator=generator).to(device=g.device, dtype=dtype)
+        q, _ = torch.linalg.qr(gathered(sketch))
+        for _ in range(RANDOMIZED_POWER_STEPS):
+            q, _ = torch.linalg.qr(gathered(t_times(spec.local_rows(q))))
+        basis = ritz(q)
+    if previous_rows is not None:
+        agreement = spec.all_reduce((spec.local_rows(basis) * previous_rows.float()).sum(dim=-2, keepdim=True))
+        basis = basis * torch.where(agreement < 0, -1.0, 1.0)
+    return basis
+
+
+def compute_projector_sharded(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, method: str,
+                              state: dict, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Whole new projector tensors (identical on every rank) from this rank's gradient rows `g`;
+    `state` holds the local views of the previous projector (empty at the first refresh)."""
+    if method == "svd":
+        # the exact reference: gather G (m×n) and take its SVD on every rank, as one process does
+        return compute_projector(spec.gather_rows(g.float()), rank, side, "svd", {}, generator, dtype)
+    g = g.float()
+    out = {}
+    old = state.get("projector")
+    if side in ("left", "full"):
+        out["projector"] = _left_basis(spec, g, rank, method, old, generator, dtype)
+    if side == "right":
+        out["projector"] = _right_basis(spec, g, rank, method, old.float().mT if old is not None else None,
+                                        generator, dtype).mT
+    if side == "full":
+        prev = state.get("projector_right")
+        out["projector_right"] = _right_basis(spec, g, rank, method, prev.float().mT if prev is not None else None,
+                                              generator, dtype).mT
+    return {key: value.to(dtype).contiguous() for key, value in out.items()}
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+
+class ShardedProjectors:
+    """What ``ComposedOptimizer._install_projector`` needs to adopt whole projectors into local state."""
+
+    def __init__(self, spec: ShardSpec, sharded: set[str]):
+        self.spec, self.sharded = spec, sharded
+
+    def local_of(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return self.spec.local_rows(value) if key in self.sharded else value
+
+    def whole(self, state: dict) -> dict:
+        """`state` with sharded projectors gathered (for rotating moments and comparing subspaces)."""
+        view = dict(state)
+        for key in ("projector", "projector_right"):
+            if key in view and key in self.sharded:
+                view[key] = self.spec.gather_rows(view[key])
+        return view
+
+
+def _local_state(state: dict) -> dict:
+    return {key: local(value) for key, value in state.items()}
+
+
+def _reduce_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Tensor]:
+    """All-reduce (sum) every tensor with one collective per process group; results in order."""
+    out: list[torch.Tensor | None] = [None] * len(pieces)
+    by_group: dict[int, list[int]] = {}
+    for i, (spec, t) in enumerate(pieces):
+        if spec.group is None:
+            out[i] = t
+        else:
+            by_group.setdefault(id(spec.group), []).append(i)
+    for indices in by_group.values():
+        flat = torch.cat([pieces[i][1].reshape(-1) for i in indices])
+        dist.all_reduce(flat, group=pieces[indices[0]][0].group)
+        start = 0
+        for i in indices:
+            t = pieces[i][1]
+            out[i] = flat[start:start + t.numel()].view_as(t)
+            start += t.numel()
+    return out
+
+
+def global_finite_flags(probes: list[tuple[ShardSpec, torch.Tensor]]) -> list[bool]:
+    """Whether each probe (a local gradient, or its block sums of squares) is finite on every rank: one
+    multi-tensor norm, one all-reduce per process group and one host read in all (the one-process step
+    reads its flags on the host too)."""
+    if not probes:
+        return []
+    norms = torch._foreach_norm([t for _, t in probes], 1, dtype=torch.float32)
+    bad = (~torch.isfinite(torch.stack(norms))).float()
+    reduced = _reduce_flat([(spec, bad[i:i + 1]) for i, (spec, _) in enumerate(probes)])
+    return (torch.cat(reduced) == 0).tolist()
+
+
+def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
+    """One update of DTensor parameters (see module docstring); `items` are ``(param, group)``."""
+    work = []
+    for p, group in items:
+        grad = optimizer._checked_grad(p)
+        spec = optimizer._shard_spec(p)
+        if not is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements):
+            found = tuple(grad.placements) if is_dtensor(grad) else "a plain tensor"
+            raise UsageError(f"{type(optimizer).__name__}: the gradient of {_describe(p, group, None)} is {found}, "
+                             f"but the parameter is sharded {tuple(p.placements)}; FSDP2 hands each rank its "
+                             "rows of the reduced gradient — do not replace .grad by hand")
+        work.append((p, local(grad), group, spec))
+    # block sums of squares of the local rows; they double as the finiteness probe (the gradient is read once)
+    layouts, sums = [], []
+    for p, g, group, spec in work:
+        layout = ShardLayout(optimizer._block_layout(p.shape, group), spec) if optimizer.uses_blocks else None
+        blocked = layout is not None and layout.kind != "elementwise"
+        layouts.append(layout)
+        sums.append(layout.partial_sums(g) if blocked else None)
+    checked = [i for i, item in enumerate(work) if item[2].get("nonfinite", "skip") != "off"]
+    flags = [True] * len(work)
+    probes = [(work[i][3], sums[i] if sums[i] is not None else work[i][1]) for i in checked]
+    for i, ok in zip(checked, global_finite_flags(probes)):
+        flags[i] = ok
+    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item[:3], ok)]
+    ready = [work[i] for i in admitted]
+    layouts = [layouts[i] for i in admitted]
+    sums = [sums[i] for i in admitted]
+    steps = optimizer._next_steps(ready)
+    if not ready:
+        return
+    views = [_local_state(optimizer.state[item[0]]) for item in ready]
+    due_at = [int(view["refresh"][0]) if "refresh" in view else None for view in views]
+    for (p, g, group, spec), view, t, due in zip(ready, views, steps, due_at):
+        if due is not None and t >= due:
+            side = resolve_side(group["proj_type"], p.shape)
+            new = compute_projector_sharded(spec, g, group["rank"], side, group["proj_method"],
+                                            view if t > 1 else {}, optimizer._generator(p, t),
+                                            _proj_dtype(group))
+            optimizer._install_projector(p, group, view, side, t, new, t > 1,
+                                         shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group)))
+    # every sum this step needs, in one all-reduce: left projections and block sums of squares
+    pieces, owners = [], []
+    for index, ((p, g, group, spec), view) in enumerate(zip(ready, views)):
+        if sums[index] is not None:
+            pieces.append((spec if layouts[index].needs_reduction else _NO_GROUP, sums[index]))
+            owners.append(("sums", index))
+        if "rank" in group:
+            side = resolve_side(group["proj_type"], p.shape)
+            if side in ("left", "full"):
+                basis = view["projector"]
+                low = basis.t() @ (g if g.dtype == basis.dtype else g.to(basis.dtype))
+                if side == "full":
+                    low = low @ view["projector_right"].t()
+                pieces.append((spec, low.float()))
+                owners.append(("low", index))
+    lows: dict[int, torch.Tensor] = {}
+    for (kind, index), value in zip(owners, _reduce_flat(pieces)):
+        if kind == "sums":
+            layouts[index].set_sums(value)
+        else:
+            lows[index] = value
+    for index, ((p, g, group, spec), view, t) in enumerate(zip(ready, views, steps)):
+        grad = g if g.dtype == torch.float32 else g.float()
+        view["step"] += 1
+        side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
+        ps = _shard_step_class()(local(p), grad, view, group, t, side, layouts[index], lows.get(index))
+        optimizer._apply(local(p), group, *optimizer._update(ps))
+
+
+_NO_GROUP = ShardSpec(None, (), None, 0, 0, 0)
+
+
+def _proj_dtype(group: dict) -> torch.dtype:
+    from galore_mini.optim.core import _dtype
+
+    return _dtype(group["proj_dtype"], "proj_dtype")
+
+
+@functools.cache
+def _shard_step_class():
+    # ParamStep lives in core, which imports this module: subclass it on first use
+    from galore_mini.optim.core import ParamStep
+
+    class ShardStep(ParamStep):
+        """A :class:`ParamStep` on local shards, whose left projection was reduced across ranks already."""
+
+        def __init__(self, param, grad, state, group, t, side, layout, low):
+            super().__init__(param, grad, state, group, t, side, layout)
+            self._low = low
+
+        def project(self, g):
+            if self._low is not None and g is self.grad:
+                return self._low
+            if self.side in ("left", "full"):
+                raise RuntimeError("internal: a left projection of a sharded weight must be reduced across ranks")
+            return super().project(g)
+
+    return ShardStep
+
+
+# -- communication, counted ----------------------------------------------------------------------
+
+
+def communication_bytes(shape: tuple[int, int], rank: int, side: str, world: int, *, method: str = "power",
+                        first: bool = False, n_blocks_reduced: int = 0, bytes_per_value: int = 4) -> dict[str, float]:
+    """Bytes one rank sends for one row-sharded weight of `shape` (m×n), with ring collectives.
+
+    A ring all-reduce of B bytes sends ``2(W-1)/W·B`` per rank, an all-gather of B bytes in all
+    ``(W-1)/W·B``. Returns ``{"step": …, "refresh": …}``: the step (left / full projections' partial
+    products and `n_blocks_reduced` block sums; right projections send nothing) and one refresh
+    (``method`` power, or randomized for the first refresh — `first` — with k = r + 8, or svd, which
+    gathers the gradient). Flags (one value per parameter) are left out: a few bytes.
+    """
+    m, n = shape
+    if world <= 1:
+        return {"step": 0.0, "refresh": 0.0}
+    reduce, gather = 2 * (world - 1) / world * bytes_per_value, (world - 1) / world * bytes_per_value
+    step = reduce * n_blocks_reduced
+    if side == "left":
+        step += reduce * rank * n
+    elif side == "full":
+        step += reduce * rank * rank
+    if method == "svd":
+        return {"step": step, "refresh": gather * m * n}
+    randomized = first or method == "randomized"
+    k = min(rank + OVERSAMPLE, m, n) if randomized else rank
+    passes = 1 + RANDOMIZED_POWER_STEPS if randomized else 1
+    if method == "random":
+        return {"step": step, "refresh": 0.0}
+    refresh = 0.0
+    if side in ("right", "full"):
+        # Gᵀ(G Q) or GᵀS per pass (n×k), then the k×k Gram matrix of the Ritz step
+        refresh += reduce * (passes * n * k + k * k)
+    if side in ("left", "full"):
+        # per pass: the m×k product's rows gathered for the QR (+ Gᵀq, n×k, after the first pass or
+        # Gᵀ P_old warm-starting); the Ritz step's k×n matrix; the r sign agreements when warm
+        reduced_passes = passes - 1 if randomized else 1
+        refresh += gather * passes * m * k + reduce * (reduced_passes * n * k + k * n)
+        if not randomized or not first:
+            refresh += reduce * rank
+    return {"step": step, "refresh": refresh}

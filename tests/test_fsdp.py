@@ -1,0 +1,43 @@
+"""FSDP2 (fully_shard, DTensor parameters) on CPU with gloo: the optimizers match one process.
+
+Each spawned rank trains a sharded model and, beside it, an unsharded copy on the whole global batch
+(the one-process run); see tests/fsdp_worker.py for the checks. One chain of runs covers checkpoints:
+one process writes a DCP checkpoint, 3 ranks resume it and write their own, 2 ranks resume both, one
+process resumes the sharded ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch.multiprocessing as mp
+
+import fsdp_worker
+
+pytestmark = pytest.mark.slow
+
+
+def spawn(world: int, checks: list[str], out) -> dict:
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
+    try:
+        mp.spawn(fsdp_worker.run, args=(world, str(out / f"pg-{world}"), checks, str(out)), nprocs=world)
+    finally:
+        os.environ.update(saved)
+    return json.loads((out / f"report-{world}.json").read_text())
+
+
+def test_fsdp2_matches_one_process_resumes_and_reshards(tmp_path):
+    fsdp_worker.one_process_checkpoint(tmp_path)
+    # 3 ranks: rows 11/11/10 of 32-row weights, so attention heads and GQA key heads straddle shards
+    three = spawn(3, ["parity", "nan_clip", "layerwise", "checkpoints"], tmp_path)
+    two = spawn(2, ["parity_lite", "hsdp", "checkpoints", "ddp_layerwise", "bad_input"], tmp_path)
+    assert three["resharded"] == ["ckpt-1->3"]
+    assert two["resharded"] == ["ckpt-1->2", "ckpt-3->2"]
+    assert fsdp_worker.one_process_resumes(tmp_path) == ["ckpt-2->1", "ckpt-3->1"]
+    # per-rank state shrinks with the world size (one process's bytes are the last entry)
+    for case, (bytes_2, one) in two["state_bytes"].items():
+        bytes_3 = three["state_bytes"][case][0]
+        assert bytes_3 < bytes_2 < one, (case, bytes_3, bytes_2, one)
