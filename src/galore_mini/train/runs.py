@@ -304,8 +304,7 @@ class RunFolder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises many types on a damaged file (zip, pickle, EOF, OSError)
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return None, f"unreadable ({type(exc).__name__}{': ' + detail[:160] if detail else ''}; {size} bytes)"
+            return None, f"unreadable: truncated, damaged or not a checkpoint ({type(exc).__name__}, {size:,} bytes)"
         if not isinstance(state, dict) or any(key not in state for key in _CHECKPOINT_KEYS):
             return None, "not a galore-mini checkpoint"
         if state["format"] != CHECKPOINT_FORMAT:
