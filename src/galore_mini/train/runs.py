@@ -43,6 +43,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -302,7 +303,9 @@ class RunFolder:
         if size == 0:
             return None, "empty (0 bytes)"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a damaged file may also warn; the verdict below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises many types on a damaged file (zip, pickle, EOF, OSError)
             return None, f"unreadable: truncated, damaged or not a checkpoint ({type(exc).__name__}, {size:,} bytes)"
         if not isinstance(state, dict) or any(key not in state for key in _CHECKPOINT_KEYS):
