@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -384,8 +385,33 @@ def setup_distributed(device: str) -> Dist:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
+        # `group=group.WORLD` as a default argument: imported after init_process_group, those defaults
+        # hold the world process group for the life of the interpreter, so destroy_process_group cannot
+        # free it and gloo's worker and socket threads run on into interpreter shutdown (the intermittent
+        # "terminate called without an active exception" at exit). Imported first, they hold None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def leave_distributed(clean: bool = True) -> None:
+    """Leave the process group, so that no communication thread outlives the interpreter.
+
+    `clean` (the run succeeded on this process): first wait at a barrier, so no process tears its
+    connections down while a peer may still send. After a failure there is no barrier (a peer may never
+    arrive); torchrun stops the other processes. A no-op outside a process group.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    gc.collect()  # anything in a reference cycle that still holds the group goes while Python is whole
+    dist.destroy_process_group()
 
 
 # -- run folder and checkpoints ----------------------------------------------------------------------------

@@ -127,27 +127,22 @@ def _given(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from galore_mini.train.loop import load_config_file, make_config, train
+    from galore_mini.train.loop import leave_distributed, load_config_file, make_config, train
 
     file_values = load_config_file(args.config) if args.config else {}
     config = make_config(file_values, **_given(args, set()))
+    clean = False
     try:
         result = train(config)
+        clean = True
     finally:
-        _leave_process_group()
+        leave_distributed(clean)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{config.method}: val loss {result['val_loss']:.4f}, val ppl {result['val_ppl']:.2f}, "
               f"{result['tokens']:,} tokens at {result['tokens_per_s']:,.0f} tokens/s; "
               f"weights {result['weights_bytes'] / 2**20:.2f} MiB, optimizer state "
               f"{result['optimizer_bytes'] / 2**20:.2f} MiB -> {config.out}")
     return 0
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def parse_lr(text: str | None, methods: list[str]) -> dict[str, float]:
