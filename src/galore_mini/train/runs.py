@@ -26,11 +26,17 @@ A run folder holds ``metrics.jsonl``, ``checkpoint.pt`` (the newest checkpoint),
 
 Example::
 
-    folder = RunFolder("runs/x")
-    folder.claim(resume=False, overwrite=False, log=print)   # UsageError if runs/x holds a run
+    import tempfile
+    from galore_mini.train.runs import RunFolder
+
+    folder = RunFolder(tempfile.mkdtemp())
+    folder.claim(resume=False, overwrite=False, log=print)    # a UsageError if it held a run or a live lock
     try:
-        folder.save({"format": 1, "step": 10, ...})
-        name, state = folder.newest_readable(log=print)   # falls back to checkpoint.prev.pt
+        for step in (10, 20):
+            folder.save({"format": 1, "step": step, "model": {}, "optimizer": {}, "scheduler": {}, "data": {},
+                         "rng": []})
+        folder.checkpoint.write_bytes(b"")                     # the newest is damaged ...
+        name, state = folder.newest_readable(log=print)         # ... so: ("checkpoint.prev.pt", step 10)
     finally:
         folder.release()
 """
