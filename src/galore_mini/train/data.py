@@ -173,11 +173,13 @@ def stdlib_documents(root: Path | None = None) -> list[Document]:
     """The fallback corpus: every ``.py`` file of the standard library (tests and site-packages aside), one
     document each, in path order; files that are not UTF-8 are left out."""
     root = stdlib_sources() if root is None else root
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _STDLIB_SKIP]  # never walk into them
+        paths.extend(Path(folder) / f for f in files if f.endswith(".py"))
     docs = []
-    if root.is_dir():
-        for path in sorted(root.rglob("*.py")):
-            if _STDLIB_SKIP & set(path.relative_to(root).parts[:-1]) or not path.is_file():
-                continue
+    for path in sorted(paths, key=lambda p: p.relative_to(root).parts):
+        if path.is_file():
             try:
                 text = path.read_bytes().decode("utf-8")
             except (OSError, UnicodeDecodeError):

@@ -231,6 +231,9 @@ def check_optimizer_options(method: str, options: dict[str, Any], text: str) -> 
         if not ok:
             wanted = {bool: "true or false", str: "a word"}.get(kind, "a number")
             raise UsageError(f"--optimizer-options: {key}={value!r} must be {wanted}")
+    key = (method, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key in _OPTIONS_CHECKED:  # validate() runs for make_config and again in train()
+        return
     with optimizer_option_errors(text), torch.random.fork_rng(devices=[]):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -244,6 +247,10 @@ def check_optimizer_options(method: str, options: dict[str, Any], text: str) -> 
         for p in stand_in.parameters():
             p.grad = torch.full_like(p, 1e-3)
         optimizer.step()
+    _OPTIONS_CHECKED.add(key)
+
+
+_OPTIONS_CHECKED: set[tuple] = set()
 
 
 @contextlib.contextmanager
