@@ -119,12 +119,13 @@ BAD_INPUT = {
     "out is a file": (["--out", "{tmp}/afile"], ["is a file, not a folder"]),
     "resume and overwrite": (["--resume", "--overwrite"], ["contradict each other"]),
     "negative max skipped steps": (["--max-skipped-steps", "-1"], ["--max-skipped-steps=-1"]),
+    "unknown projection side": (["--proj-type", "diagonal"], ["--proj-type='diagonal'", "reverse_std"]),
 }
 # refused before any data is read or tokenised (the cache stays empty)
 _UP_FRONT = {"zero steps", "unknown method", "beta2 of one", "negative beta1", "option with a flag of its own",
              "option of the wrong type", "boolean option not a boolean", "eps not a number", "unknown option",
              "option value the optimizer refuses", "out is a file", "resume and overwrite",
-             "negative max skipped steps", "bad config file"}
+             "negative max skipped steps", "bad config file", "unknown projection side"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -175,3 +176,16 @@ def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, needl
                 if "--methods" not in flags else ["compare", "--out", str(tmp_path / "cmp"), *flags])
     _one_line_error(capsys, code, needle)
     assert not Path(tmp_path / "cmp" / "results.json").exists()
+
+
+def test_the_harness_reads_method_names_labels_and_learning_rates_from_the_registry():
+    """No module of the harness keeps a table of method names of its own (the registry is the one table)."""
+    from galore_mini import methods
+    from galore_mini.train import loop, plots
+
+    for module in (loop, pretrain_cli, plots):
+        for name, value in vars(module).items():
+            if isinstance(value, (tuple, list, set, frozenset, dict)) and value is not methods.DEMO_METHODS:
+                assert not {"galore_mini", "adam_mini"} & set(value), f"{module.__name__}.{name} lists methods"
+    assert pretrain_cli.DEMO_METHODS is methods.DEMO_METHODS
+    assert all(plots.label(m) == methods.get(m).label for m in methods.METHODS)

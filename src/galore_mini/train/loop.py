@@ -204,6 +204,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"--{name.replace('_', '-')}={value!r} must be a non-negative number")
+        from galore_mini.optim.projection import PROJ_TYPES
+
+        if self.proj_type not in PROJ_TYPES:
+            raise UsageError(f"--proj-type={self.proj_type!r}: use one of {', '.join(PROJ_TYPES)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise UsageError(f"--device={self.device!r}: use auto, cpu or cuda[:N]")
         if self.resume and self.overwrite:
