@@ -699,18 +699,18 @@ def resume(run: Run) -> None:
     """Load the newest readable checkpoint (process 0 picks it, falling back to the previous one)."""
     config, dist_info, folder = run.config, run.dist, run.folder
 
+    loaded: dict[str, Any] = {}
+
     def pick() -> str | None:
         folder.remove_temporaries(run.log)
-        name, state = folder.newest_readable(run.log)
-        pick.state = state
+        name, loaded["state"] = folder.newest_readable(run.log)
         return name
 
-    pick.state = None
     name = on_main(dist_info, pick)
     if name is None:
         run.log(f"no checkpoint in {folder.path}; starting from scratch")
         return
-    state = pick.state if dist_info.is_main else folder.load(name)
+    state = loaded["state"] if dist_info.is_main else folder.load(name)
     _check_resumable(config, state, dist_info)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
