@@ -307,7 +307,7 @@ def _group_by_options(infos: list[ParamInfo]) -> list[dict]:
     return list(groups.values())
 
 
-_CONSTRUCTOR_OPTIONS = {"nonfinite", "state_dtype", "moment_bits", "min_8bit_size", "correct_bias", "foreach", "fused",
+_CONSTRUCTOR_OPTIONS = {"nonfinite", "state_dtype", "moment_bits", "min_8bit_size", "correct_bias", "foreach", "fused", "capturable",
                         "clip_threshold", "decay_rate", "beta1", "relative_step", "scale_parameter", "warmup_init"}
 
 
