@@ -197,7 +197,14 @@ class CapturableMixin:
     def load_state_dict(self, state_dict):
         """As the base class, then the step counters go to the device (capturable groups) or the host,
         and host clocks convert between modes (a capturable checkpoint resumes exactly either way)."""
+        # how this process steps is its own choice, not the checkpoint's (torch would adopt the saved flag)
+        modes = [g.get("capturable") for g in self.param_groups]
         super().load_state_dict(self._strip_clocks(state_dict))
+        for group, mode in zip(self.param_groups, modes):
+            if mode is None:
+                group.pop("capturable", None)
+            else:
+                group["capturable"] = mode
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -216,6 +223,11 @@ class CapturableMixin:
         """Take host clocks out of a checkpoint for a non-capturable group (its refresh schedule is kept
         in real-update units: the due step moves back by the updates the clock counted but the step
         did not, i.e. the skips)."""
+        self._saved_clocks = {}
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)
+                and any("host_step" in v for v in state_dict["state"].values() if isinstance(v, dict))):
+            return state_dict  # nothing to convert; the base class judges the rest
         groups = self.param_groups
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [(p, g) for g in groups for p in g["params"]]
@@ -260,14 +272,28 @@ class CapturableMixin:
         if grads:
             if torch.compiler.is_compiling():
                 torch.ops.galore_mini.host_phase(self._host_key, grads, writes)
-            else:
+            elif not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
                 self._host_phase(grads, writes)
+            # under CUDA-graph capture the host work is the caller's: host_phase() before each replay
         for group, params in work:
             if self.capturable_kind == "block":
                 _block_step(self, group, params)
             else:
                 _adam_step(self, group, params)
         return loss
+
+    @torch.no_grad()
+    def host_phase(self) -> None:
+        """The host half of a capturable step, alone: advance the host clocks and refresh the projectors
+        that are due, for the parameters that have gradients. Call it before each replay of a CUDA graph
+        that captured ``step()`` (capture records only the device half)."""
+        if not self._sync_free():
+            raise UsageError("host_phase() belongs to capturable=True optimizers")
+        self._init_group()
+        work = [(g, [(p,) for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        grads, writes = self._host_phase_args([(g, c) for g, c in work if c])
+        if grads:
+            self._host_phase(grads, writes)
 
     def step_params(self, params):
         if self._sync_free():
@@ -385,17 +411,20 @@ def _apply(p: torch.Tensor, direction, coef: torch.Tensor, keep, multiplier: tor
     float, or a device scalar where skipping or a tensor lr makes the decay data-dependent."""
     scaled = coef if multiplier is None else multiplier * coef
     if isinstance(direction, LowRankProduct):
-        update = direction.scaled(scaled)
-        if not isinstance(keep, torch.Tensor):
+        fusable = p.dtype in (torch.float32, torch.bfloat16) and (
+            p.dtype == direction.dtype or (p.is_cuda and p.dtype == torch.float32))
+        if fusable:
+            update = direction.scaled(scaled)
+            if isinstance(keep, torch.Tensor):
+                # addmm's beta must be a number: the decay is its own pass over the weight
+                p.mul_(keep)
+                keep = 1.0
             if _fused_low_rank_update(p, update, keep, 1.0):
                 return
-        elif p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and update.dtype == torch.bfloat16):
-            # addmm's beta must be a number: the decay is its own pass over the weight
-            p.mul_(keep)
-            keep = 1.0
-            if _fused_low_rank_update(p, update, 1.0, 1.0):
-                return
-        direction, scaled = update.materialize(), None
+        # multiplied out (a low-precision product for a wider weight): the coefficient stays out of
+        # the product's rounding, as on the reference path
+        direction = (direction.scaled(multiplier) if multiplier is not None else direction).materialize()
+        scaled = coef
     target = p if p.dtype == torch.float32 else p.float()
     if isinstance(keep, torch.Tensor) or keep != 1.0:
         target.mul_(keep)

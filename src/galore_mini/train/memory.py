@@ -184,7 +184,7 @@ def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _part_of(key: str, numel: int, state_numels: dict[str, int]) -> str:
     """The part a state tensor belongs to; the same rule for estimates and measurements."""
-    if key in ("step", "refresh", "similarity"):
+    if key in ("step", "refresh", "similarity", "host_step"):
         return "bookkeeping"
     if key.startswith("projector"):
         return "projectors"
