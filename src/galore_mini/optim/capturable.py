@@ -102,6 +102,8 @@ class CapturableMixin:
             return f"approach={group['approach']} (only approach 3)"
         if group.get("nonfinite", "skip") == "raise":
             return "nonfinite='raise' (raising needs a host read; use 'skip' or 'off')"
+        if any(type(p).__name__ == "DTensor" for p in group["params"]):
+            return "FSDP2/DTensor parameters (their sharded step is host-side)"
         return None
 
     def _validate_group(self, group):
