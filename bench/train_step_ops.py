@@ -64,6 +64,7 @@ class Counter(TorchDispatchMode):
         s["read"] += read
         s["written"] += written
         s["fresh"] += fresh
+        s["allocations"] += sum(1 for x in outputs if id(x) not in in_ids)
         if name in ("_to_copy", "to") or (name == "copy_" and inputs[0].dtype != inputs[1].dtype):
             s["conversions"] += 1
             s["conversion_bytes"] += read + written
@@ -122,7 +123,7 @@ def render(report: dict) -> str:
     cfg = report["config"]
     mib = 2 ** 20
     header = ["optimizer", "phase", "device ops", "bytes read + written", "dtype conversions (bytes)",
-              "fresh outputs"]
+              "fresh outputs (bytes)"]
     rows = []
     for r in report["results"]:
         for phase in ("forward", "backward", "optimizer"):
@@ -130,7 +131,7 @@ def render(report: dict) -> str:
             rows.append([r["label"], phase, str(s.get("ops", 0)),
                          f"{(s.get('read', 0) + s.get('written', 0)) / mib:.1f} MiB",
                          f"{s.get('conversions', 0)} ({s.get('conversion_bytes', 0) / mib:.1f} MiB)",
-                         f"{s.get('fresh', 0) / mib:.1f} MiB"])
+                         f"{s.get('allocations', 0)} ({s.get('fresh', 0) / mib:.1f} MiB)"])
     title = (f"One steady training step, bf16 weights, LLaMA topology: {cfg['layers']} blocks, D={cfg['dim']}, "
              f"F={cfg['ffn']}, vocab {cfg['vocab']} ({cfg['params'] / 1e6:.1f}M params), micro-batch "
              f"{cfg['batch']}×{cfg['seq']}, rank {cfg['rank']}")
