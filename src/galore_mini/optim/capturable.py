@@ -427,6 +427,9 @@ def _apply(p: torch.Tensor, direction, coef: torch.Tensor, keep, multiplier: tor
         # the product's rounding, as on the reference path
         direction = (direction.scaled(multiplier) if multiplier is not None else direction).materialize()
         scaled = coef
+    if p.dtype != torch.float32 and not isinstance(keep, torch.Tensor) and keep == 1.0:
+        p.copy_(torch.addcmul(p, direction, scaled))  # one fp32 temporary, rounded once into p
+        return
     target = p if p.dtype == torch.float32 else p.float()
     if isinstance(keep, torch.Tensor) or keep != 1.0:
         target.mul_(keep)
