@@ -58,7 +58,6 @@ import weakref
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.core import _fused_low_rank_update, _dtype, compute_projector
 from galore_mini.optim.projection import LowRankProduct, back_factors, project, resolve_side
 
