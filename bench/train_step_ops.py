@@ -32,14 +32,17 @@ What the counts say (CPU, 2026-11-29; the GPU figures of issue #11 are unmeasure
 * **Forward and backward are the same** for both optimizers, operation for operation and byte for byte (987 and
   1,775 operations). Nothing the optimizer does reaches them, so the ~150 ms of the H100 training step (344 ms
   against AdamW's 137 ms) that the optimizer-step table does not explain must come from the optimizer phase
-  of that step or from how it was timed, not from the model.
+  of that step or from how it was timed, not from the model. (That table's step had fp32 weights; the
+  training step's were bf16, whose update then cost more: see "Removed".)
 * **The optimizer phase moves fewer bytes than AdamW's** (372.6 MiB against 559.2 MiB) but issues 1,287
   operations against foreach AdamW's 11 (each of which loops over the tensors; fused AdamW is one kernel per
   chunk of them). On a GPU that is host-bound, which the sync-free step (`capturable=True`) under
-  `torch.compile` or a CUDA graph is for; its eager form issues 8,338 and is not meant to run uncompiled.
+  `torch.compile` or a CUDA graph is for; its eager form issues 8,287 and is not meant to run uncompiled.
 * **The optimizer allocates 1,678 fresh tensors against AdamW's 219.** The H100 training-step time was one
-  step timed right after `torch.cuda.empty_cache()` (`bench/gpu.py`), so every one of those went to the
-  driver: a cost a steady step does not pay. `bench/gpu.py` now times the median of the steps after it.
+  step timed once, right after `torch.cuda.empty_cache()` (`bench/gpu.py`), so its allocations went to the
+  driver until the allocator's cache refilled: a cost a steady step does not pay, and larger for the step
+  with more temporaries (how much of the ~150 ms, only a GPU can say). `bench/gpu.py` now times the median
+  of the steps after that one.
 * **Removed**: a bf16/fp16 weight updated outside the low-rank GEMM (embedding, output layer, norms: at
   LLaMA-1B 131M of its 1.34B parameters) took an fp32 copy of the weight and an fp32 copy of the scaled
   direction; now one fp32 temporary is read from the weight and rounded once into it. The optimizer phase
