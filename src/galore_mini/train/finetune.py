@@ -229,9 +229,15 @@ def export_pretrained(run_dir: str | os.PathLike, log: Callable[[str], None] = l
                                                            special_tokens=[(EOS_TOKEN, eos)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                         model_max_length=config.max_position_embeddings)
+    from transformers.utils import logging as hf_logging
+
     with tempfile.TemporaryDirectory(dir=run, prefix=".hf-export-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        finally:
+            hf_logging.enable_progress_bar()
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), run / name)
     _atomic_json(marker, {**stamp, "step": state.get("step"), "method": method})
@@ -355,6 +361,7 @@ def _load_classifier(setup_or_path, num_labels: int, pad_id: int | None, regress
         torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights are newly initialized": the head, by design
+    hf_logging.disable_progress_bar()  # one loading bar per run would drown the training bars
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             setup_or_path, num_labels=num_labels, problem_type="regression" if regression else
@@ -364,6 +371,7 @@ def _load_classifier(setup_or_path, num_labels: int, pad_id: int | None, regress
                          f"({str(exc).splitlines()[0][:200]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     return model.float()
 
 
@@ -381,7 +389,14 @@ def _encode(tokenizer, examples, max_length: int) -> tuple[list[list[int]], int]
     pairs = [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None
     if pairs is not None and any(p is None for p in pairs):
         raise UsageError("--task: some rows have a text_pair and some do not; give every row one, or none")
-    full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "longer than the model" warning: counted and reported below instead
+    try:
+        full = tokenizer(texts, pairs, truncation=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
     over = sum(len(ids) > max_length for ids in full)
     if not over:
         return full, 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from galore_mini.errors import UsageError
 
-DEMO_PRETRAIN_STEPS = 600
+DEMO_PRETRAIN_STEPS = 300
 DEMO_SEEDS = (0, 1, 2)
 
 
