@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -416,26 +417,40 @@ def _parse_stanzas(text: str):
             yield fields
 
 
+def _apt_package_records() -> tuple[list[str], str]:
+    """Every package record apt knows: ``apt-cache dumpavail`` (decompresses any list format), else the list files."""
+    if shutil.which("apt-cache"):
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            out = subprocess.run(["apt-cache", "dumpavail"], check=True, capture_output=True).stdout
+            if b"Package:" in out:
+                return [out.decode("utf-8", "replace")], "apt-cache dumpavail"
+    paths = sorted({p for pattern in _PACKAGE_LISTS for p in glob.glob(pattern)})
+    if not paths:
+        raise UsageError(f"{DEBIAN_TASK}: apt knows no packages and /var/lib/apt/lists holds no package lists "
+                         "(run `apt-get update` once), or pass --task FILE")
+    return [_read_package_list(p) for p in paths], ", ".join(paths)
+
+
 def debian_sections(lists: Sequence[str] | None = None, sections: Sequence[str] = DEBIAN_SECTIONS,
                     per_class: int = DEBIAN_PER_CLASS) -> Task:
     """Debian package one-line descriptions labelled by their archive Section (offline, no hub).
 
-    Source: apt's package lists (``/var/lib/apt/lists/*_Packages*``, present after any
-    ``apt-get update``). Rows: the ``Description`` of every package in one of `sections`,
+    Source: apt's package records (``apt-cache dumpavail``; else the lists in
+    ``/var/lib/apt/lists/*_Packages*``), present after any ``apt-get update``; `lists` names files instead. Rows: the ``Description`` of every package in one of `sections`,
     a description that occurs under two sections dropped, duplicates kept once. At most
     `per_class` per section (the first by package name). The split keeps every binary
     package of one source package on one side (hash of the ``Source`` name, 10%), so
     ``foo`` and ``foo-data`` never straddle it. Not the pretraining text (Python's docs).
     """
-    paths = sorted({p for pattern in _PACKAGE_LISTS for p in glob.glob(pattern)}) if lists is None else list(lists)
-    if not paths:
-        raise UsageError(f"{DEBIAN_TASK}: no apt package lists in /var/lib/apt/lists (run `apt-get update` once), "
-                         "or pass --task FILE")
+    if lists is None:
+        texts, where = _apt_package_records()
+    else:
+        texts, where = [_read_package_list(p) for p in lists], ", ".join(lists)
     by_text: dict[str, tuple[str, str, str]] = {}
     clash: set[str] = set()
     wanted = set(sections)
-    for path in paths:
-        for fields in _parse_stanzas(_read_package_list(path)):
+    for text_block in texts:
+        for fields in _parse_stanzas(text_block):
             section = fields.get("Section", "").rsplit("/", 1)[-1]  # contrib/net -> net
             text = fields.get("Description", "").strip()
             if section not in wanted or not text:
@@ -458,7 +473,7 @@ def debian_sections(lists: Sequence[str] | None = None, sections: Sequence[str] 
     missing = [s for s in sections if taken[s] == 0]
     if missing:
         raise UsageError(f"{DEBIAN_TASK}: the package lists hold no package in section(s) {', '.join(missing)}")
-    task = Task(DEBIAN_TASK, train, valid, sorted(sections), "accuracy", ", ".join(paths))
+    task = Task(DEBIAN_TASK, train, valid, sorted(sections), "accuracy", where)
     return _check_labels(task)
 
 
