@@ -135,10 +135,41 @@ def test_resume_equals_uninterrupted(pretrained, tmp_path, method, layerwise):
     assert again["score"] == whole["score"]
 
 
-def test_changed_settings_are_refused(pretrained, tmp_path):
-    run_finetune(config(pretrained, tmp_path / "ft", epochs=1), log=lambda m: None)
-    with pytest.raises(UsageError, match="other settings"):
-        run_finetune(config(pretrained, tmp_path / "ft", epochs=1, rank=2), log=lambda m: None)
+def test_changed_settings_are_refused_before_training(pretrained, tmp_path):
+    run_finetune(config(pretrained, tmp_path / "ft", epochs=1, methods=("lora",), lr={"lora": 1e-2}),
+                 log=lambda m: None)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ft").rglob("*"))
+    with pytest.raises(UsageError, match=r"other settings \(rank: 4 there, 2 now"):
+        run_finetune(config(pretrained, tmp_path / "ft", epochs=1, rank=2, methods=("full", "lora"),
+                            lr={"full": 1e-3, "lora": 1e-2}), log=lambda m: None)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ft").rglob("*")) == before  # full not trained
+
+
+def test_regression_task_end_to_end(pretrained, tmp_path):
+    """STS-B's path: one output, MSE, Pearson/Spearman; the target is the share of upper-half words (0, 2.5, 5)."""
+    from datasets import load_dataset as hf_load
+
+    rng = random.Random(1)
+    half = len(WORDS) // 2
+    for split, n in (("train", 160), ("validation", 40)):
+        lines = ["sentence1,sentence2,label,idx"]
+        for i in range(n):
+            upper = rng.choice((0, 0, 3, 6, 6))  # mostly one half: learnable in a few dozen steps
+            words = [rng.choice(WORDS[half:]) for _ in range(upper)] + [rng.choice(WORDS[:half]) for _ in range(6 - upper)]
+            rng.shuffle(words)
+            lines.append(f"{' '.join(words[:3])},{' '.join(words[3:])},{5 * upper / 6:.3f},{i}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+    def local(path, name, cache_dir=None):
+        return hf_load("csv", data_files={s: str(tmp_path / f"{s}.csv") for s in ("train", "validation")},
+                       cache_dir=str(tmp_path / "hf"))
+
+    result = run_finetune(config(pretrained, tmp_path / "ft", task="glue/stsb", methods=("full",),
+                                 lr={"full": 3e-3}, epochs=5), load_dataset=local, log=lambda m: None)[0]
+    assert result["metric"] == "pearson_spearman" and result["accuracy"] is None
+    run = result["runs"][0]
+    assert math.isclose(result["score"], (run["pearson"] + run["spearman"]) / 2)
+    assert run["pearson"] > 50, run  # learned: a clear positive correlation
 
 
 # -- bad input: one clear error each, before anything is written -------------------------------------------

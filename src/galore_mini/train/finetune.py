@@ -247,8 +247,8 @@ def export_pretrained(run_dir: str | os.PathLike, log: Callable[[str], None] = l
 def _pretrain_tokenizer(run: Path, settings: dict[str, Any]):
     from tokenizers import Tokenizer
 
-    own = run / "tokenizer.json"
-    if own.is_file() and not (run / EXPORT_MARKER).is_file():
+    own = run / "tokenizer.json"  # an earlier export, or a harness that saves its tokenizer with the run
+    if own.is_file():
         return Tokenizer.from_file(str(own))
     name = settings.get("tokenizer")
     if name:
@@ -564,21 +564,38 @@ def _count(model) -> tuple[int, int]:
     return total, trainable
 
 
+def run_settings(setup: Setup, method: str, seed: int) -> dict[str, Any]:
+    """Everything one run's result depends on (a run folder made with other settings is refused)."""
+    config = setup.config
+    return {**setup.settings(), "method": method, "seed": seed, "lr": config.resolved_lr(method),
+            "layerwise": bool(config.layerwise and method == "galore_mini")}
+
+
+def check_run_folder(folder: Path, settings: dict[str, Any]) -> bool:
+    """True when `folder` holds a finished run with `settings`; a `UsageError` when it was made with others."""
+    settings_path = folder / "settings.json"
+    if not settings_path.is_file():
+        return False
+    try:
+        saved = json.loads(settings_path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"--out: {settings_path} is unreadable; delete {folder} to retrain that run") from None
+    differing = sorted(k for k in settings if saved.get(k) != settings[k])
+    if differing:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in differing[:4])
+        raise UsageError(f"--out: {folder} was trained with other settings ({detail}); use another --out, or "
+                         "delete that folder to retrain it")
+    return (folder / "result.json").is_file()
+
+
 def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
               on_epoch: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one method with one seed; returns its result (also ``folder/result.json``)."""
     config = setup.config
-    settings = {**setup.settings(), "method": method, "seed": seed, "lr": config.resolved_lr(method),
-                "layerwise": bool(config.layerwise and method == "galore_mini")}
+    settings = run_settings(setup, method, seed)
     result_path, checkpoint_path, settings_path = folder / "result.json", folder / "checkpoint.pt", folder / "settings.json"
-    if settings_path.is_file():
-        saved = json.loads(settings_path.read_text())
-        differing = sorted(k for k in settings if saved.get(k) != settings[k])
-        if differing:
-            raise UsageError(f"--out: {folder} was trained with other settings ({', '.join(differing)}); "
-                             "use another --out, or delete that folder to retrain it")
-        if result_path.is_file():
-            return json.loads(result_path.read_text())
+    if check_run_folder(folder, settings):
+        return json.loads(result_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp-*"):
         stale.unlink()
@@ -785,6 +802,9 @@ def run_finetune(config: FinetuneConfig, *, load_dataset: Callable | None = None
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     setup = prepare(config, load_dataset=load_dataset, log=log)
     out = Path(config.out)
+    for method in config.methods:  # refuse a folder of other settings before training anything
+        for seed in config.seeds:
+            check_run_folder(out / "runs" / method / f"seed{seed}", run_settings(setup, method, seed))
     out.mkdir(parents=True, exist_ok=True)
     baseline = setup.task.majority_baseline()
     results = []
