@@ -138,9 +138,17 @@ class FinetuneConfig:
 # -- files ------------------------------------------------------------------------------------------------
 
 
+def _readable(tmp: str) -> None:
+    # mkstemp makes 0600 files; results are ordinary files that others may read
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    _readable(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -159,6 +167,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def _atomic_torch(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    _readable(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -786,6 +795,7 @@ def plot_results(results: list[dict[str, Any]], folder: Path, metric_name: str) 
 def _save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-", suffix=".png")
     os.close(fd)
+    _readable(tmp)
     try:
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
