@@ -92,10 +92,11 @@ def test_every_method_learns_and_results_schema(pretrained, tmp_path):
         assert r["majority_baseline"] == majority
         assert len(r["epoch_scores"]) == 2
     by = {r["method"]: r for r in results}
-    # trainable sets: LoRA and GaLore keep embeddings frozen, full and Adam-mini train everything
-    assert by["full"]["trainable_params"] == by["adam_mini"]["trainable_params"] == by["full"]["total_params"]
-    assert by["galore"]["trainable_params"] == by["galore_mini"]["trainable_params"] < by["full"]["trainable_params"]
-    assert by["lora"]["trainable_params"] < by["galore"]["trainable_params"]
+    # trainable sets: every method trains every parameter but LoRA, which freezes the targets and adds adapters
+    total = by["full"]["total_params"]
+    for method in ("full", "adam_mini", "galore", "galore_mini"):
+        assert by[method]["trainable_params"] == total
+    assert by["lora"]["trainable_params"] < total
     # state: AdamW keeps two fp32 moments per trainable parameter (+ step counters)
     assert 8 * by["full"]["trainable_params"] <= by["full"]["optimizer_state_bytes"] < 8 * by["full"]["trainable_params"] + 4096
     assert by["galore_mini"]["optimizer_state_bytes"] < by["galore"]["optimizer_state_bytes"] < by["full"]["optimizer_state_bytes"]
@@ -103,6 +104,23 @@ def test_every_method_learns_and_results_schema(pretrained, tmp_path):
     assert f"Majority-class baseline: **{majority:.2f}**" in table and "| GaLore-mini |" in table
     assert (tmp_path / "ft" / "scores.png").stat().st_size > 0
     assert (tmp_path / "ft" / "score_vs_memory.png").stat().st_size > 0
+
+
+def test_freeze_embeddings_in_the_low_rank_methods(pretrained, tmp_path):
+    from galore_mini.train.finetune import build_method
+
+    setup = prepare(config(pretrained, tmp_path / "out", freeze_embeddings=True,
+                           methods=("full", "lora", "galore", "galore_mini", "adam_mini")))
+    for method in ("full", "lora", "galore", "galore_mini", "adam_mini"):
+        model, optimizer, _ = build_method(setup, method, seed=0)
+        embedding = model.get_input_embeddings().weight
+        assert embedding.requires_grad == (method in ("full", "adam_mini")), method
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        head = [p for n, p in model.named_parameters() if "score" in n]
+        assert head and all(p.requires_grad and id(p) in trained for p in head), method  # the head: always
+        if method == "lora":
+            assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.weight"))
+    assert not (tmp_path / "out").exists()
 
 
 class Stop(Exception):

@@ -56,12 +56,12 @@ _METHODS = (
     # The GaLore family keeps the paper's 1e-2 (scale 0.25); the others are the best of a sweep over
     # {1e-3, 3e-3, 1e-2} on `tiny` (300 steps, default corpus), see docs/pretraining.md.
     Method("full", "Full (AdamW)", "AdamW", "optimizer", "AdamW", default_lr=3e-3, state_dtype_option=False,
-           finetune_lr=3e-4),
+           finetune_lr=1e-3),
     Method("adam_mini", "Adam-mini", "Adam-mini", "optimizer", "AdamMini", blocked=True, default_lr=1e-3,
-           finetune_lr=3e-4),
-    Method("galore", "GaLore", "GaLore", "optimizer", "GaLoreAdamW", projected=True, eps=1e-6, finetune_lr=3e-4),
+           finetune_lr=1e-3),
+    Method("galore", "GaLore", "GaLore", "optimizer", "GaLoreAdamW", projected=True, eps=1e-6, finetune_lr=1e-3),
     Method("galore_mini", "GaLore-mini", "GaLore-mini", "optimizer", "GaLoreMini", projected=True, blocked=True,
-           finetune_lr=3e-4),
+           finetune_lr=1e-3),
     Method("galore_mini_a1", "GaLore-mini (approach 1)", "GaLore-mini a1", "optimizer", "GaLoreMini",
            projected=True, blocked=True, options={"approach": 1}),
     Method("galore_mini_a2", "GaLore-mini (approach 2)", "GaLore-mini a2", "optimizer", "GaLoreMini",

@@ -9,16 +9,18 @@ of the repeated blocks).
 
 * ``full``: every parameter, ``torch.optim.AdamW``.
 * ``adam_mini``: every parameter, Adam-mini.
-* ``galore`` / ``galore_mini``: the targets with projected gradients (rank ``--rank``,
-  scale α, refresh every T steps); the classification head, norms and biases with the
-  optimizer's plain rule. ``--layerwise`` updates GaLore-mini inside ``backward()``.
+* ``galore`` / ``galore_mini``: every parameter; the targets with projected gradients
+  (rank ``--rank``, scale α, refresh every T steps), the rest (embeddings, head, norms,
+  biases) with the optimizer's plain rule. ``--layerwise`` updates GaLore-mini inside ``backward()``.
 * ``lora``: ``peft`` LoRA adapters (rank ``--rank``, alpha 16, no dropout) on the targets,
-  whose weights are frozen; head, norms and biases trained.
+  whose weights are frozen; embeddings, head, norms and biases trained.
 
-The classification head is trained fully by every method. Token/position embeddings are
-frozen for the low-rank methods (``lora``, ``galore``, ``galore_mini``) so that the three
-train the same parameter set, as LoRA does; ``train_embeddings=True`` trains them too
-(galore-torch's ``run_glue.py`` gives them plain AdamW).
+The classification head is trained fully by every method, and so are the embeddings: as
+galore-torch's ``run_glue.py`` does for GaLore (they get the optimizer's plain rule: AdamW
+in GaLore, per-token blocks in GaLore-mini) and, for LoRA, as ``peft``'s
+``modules_to_save`` would, so that every method trains the same parameters outside the
+targets. ``freeze_embeddings=True`` freezes them in ``lora``, ``galore`` and ``galore_mini``
+(LoRA as ``peft`` defines it by default).
 
 GaLore's fine-tuning recipe (the paper's GLUE runs, Table 7 and the repository's GLUE
 command): scale α = 4 at r = 4 and α = 2 at r = 8, i.e. ``α = 16 / r`` (our default at
@@ -81,7 +83,7 @@ class FinetuneConfig:
     rank: int = 8
     scale: float | None = None  # None: 16 / rank (the paper's recipe)
     update_proj_gap: int = DEFAULT_GAP
-    train_embeddings: bool = False
+    freeze_embeddings: bool = False
     epochs: int = 3
     lr: dict[str, float] = field(default_factory=dict)  # per method; missing: the registry's finetune_lr
     batch_size: int = 16
@@ -338,7 +340,7 @@ class Setup:
         return {"model": self.model_path, "model_fingerprint": self.model_fingerprint, "task": self.task.name,
                 "task_fingerprint": self.task.fingerprint(), "epochs": c.epochs, "batch_size": c.batch_size,
                 "max_length": self.max_length, "rank": c.rank, "scale": c.resolved_scale(),
-                "update_proj_gap": c.update_proj_gap, "train_embeddings": c.train_embeddings,
+                "update_proj_gap": c.update_proj_gap, "freeze_embeddings": c.freeze_embeddings,
                 "grad_clip": c.grad_clip, "warmup_ratio": WARMUP_RATIO, "lora_alpha": LORA_ALPHA,
                 "lora_dropout": LORA_DROPOUT}
 
@@ -493,7 +495,7 @@ def build_method(setup: Setup, method: str, seed: int):
     config = setup.config
     model = _load_classifier(setup.model_path, setup.num_labels, setup.pad_id, setup.task.regression, seed)
     low_rank = method in ("lora", "galore", "galore_mini")
-    if low_rank and not config.train_embeddings:
+    if low_rank and config.freeze_embeddings:
         for info in read_model(model):
             if info.role == "embedding":
                 info.param.requires_grad_(False)

@@ -43,8 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, default=8, help="GaLore's and LoRA's rank (default: 8)")
     p.add_argument("--scale", type=float, default=None, help="GaLore scale α (default: 16/rank, the paper's recipe)")
     p.add_argument("--update-proj-gap", type=int, default=DEFAULT_GAP, help=f"GaLore's T (default: {DEFAULT_GAP})")
-    p.add_argument("--train-embeddings", action="store_true",
-                   help="also train the embeddings in lora/galore/galore_mini (default: frozen, as LoRA)")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="freeze the embeddings in lora/galore/galore_mini (default: every method trains them)")
     p.add_argument("--epochs", type=int, default=3, help="epochs (default: 3)")
     p.add_argument("--lr", metavar="LR|METHOD=LR,...", default=None,
                    help="peak LR for all methods, or per method (default: each method's, see docs/finetuning.md)")
@@ -111,7 +111,7 @@ def run_cli(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seed, DEMO_SEEDS if demo else (0,))
     config = FinetuneConfig(model=args.model or "", task=args.task, val=args.val, methods=methods,
                             layerwise=args.layerwise, rank=args.rank, scale=args.scale,
-                            update_proj_gap=args.update_proj_gap, train_embeddings=args.train_embeddings,
+                            update_proj_gap=args.update_proj_gap, freeze_embeddings=args.freeze_embeddings,
                             epochs=args.epochs, lr=_parse_lr(args.lr, methods), batch_size=args.batch_size,
                             max_length=args.max_length, seeds=seeds, grad_clip=args.grad_clip, out=args.out,
                             device=args.device, progress=args.progress)

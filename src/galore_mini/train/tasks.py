@@ -384,7 +384,7 @@ def glue_task(name: str, *, load_dataset: Callable | None = None, cache_dir=None
 
 #: topical sections (the language/library sections are left out: their descriptions name them outright)
 DEBIAN_SECTIONS = ("games", "graphics", "mail", "math", "net", "science", "sound", "text")
-DEBIAN_PER_CLASS = 800
+DEBIAN_PER_CLASS = 600
 _PACKAGE_LISTS = ("/var/lib/apt/lists/*_Packages", "/var/lib/apt/lists/*_Packages.lz4",
                   "/var/lib/apt/lists/*_Packages.gz", "/var/lib/apt/lists/*_Packages.xz")
 
