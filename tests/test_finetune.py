@@ -363,3 +363,12 @@ def test_debian_task_from_a_package_list(tmp_path):
     assert task.labels == ["games", "sound"] and len(task.train) + len(task.val) == 40  # the clash dropped
     sources = lambda split: {int(e.text.split()[-1]) // 2 for e in split}  # noqa: E731
     assert not sources(task.train) & sources(task.val)  # a source package never straddles the split
+
+
+def test_tasks_docstring_example():
+    import doctest
+
+    import galore_mini.train.tasks as tasks
+
+    result = doctest.testmod(tasks)
+    assert result.attempted > 0 and result.failed == 0
