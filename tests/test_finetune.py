@@ -13,7 +13,7 @@ import torch
 from galore_mini.errors import UsageError
 from galore_mini.train.finetune import FinetuneConfig, export_pretrained, prepare, run_finetune
 from galore_mini.train.loop import train
-from galore_mini.train.tasks import (Example, Task, compute_metrics, debian_sections, glue_task, load_task, matthews,
+from galore_mini.train.tasks import (Example, compute_metrics, debian_sections, glue_task, load_task, matthews,
                                      split_examples)
 from pretrain_fixtures import WORDS, small_config
 

@@ -100,7 +100,7 @@ def demo_model(out: str, log=lambda m: None, steps: int = DEMO_PRETRAIN_STEPS) -
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from galore_mini.train.finetune import FinetuneConfig, run_finetune, results_table  # noqa: F401
+    from galore_mini.train.finetune import FinetuneConfig, run_finetune
     from galore_mini.train.tasks import load_task
 
     def log(message: str) -> None:
