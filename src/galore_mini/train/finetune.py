@@ -58,7 +58,8 @@ from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.train.tasks import METRIC_NAMES, Task, compute_metrics, load_task
 
-FINETUNE_METHODS = ("full", "lora", "galore", "galore_mini", "adam_mini")
+#: the methods with a fine-tuning recipe: those the registry gives a `finetune_lr`
+FINETUNE_METHODS = tuple(m for m in registry.names() if registry.get(m).finetune_lr is not None)
 LORA_ALPHA = 16.0  # alpha / r equals GaLore's default scale 16 / r
 LORA_DROPOUT = 0.0
 WARMUP_RATIO = 0.06
@@ -493,17 +494,19 @@ def build_method(setup: Setup, method: str, seed: int):
     from galore_mini.optim.groups import read_model
 
     config = setup.config
+    entry = registry.get(method)
     model = _load_classifier(setup.model_path, setup.num_labels, setup.pad_id, setup.task.regression, seed)
-    low_rank = method in ("lora", "galore", "galore_mini")
-    if low_rank and config.freeze_embeddings:
+    if entry.ranked and config.freeze_embeddings:
         for info in read_model(model):
             if info.role == "embedding":
                 info.param.requires_grad_(False)
-    if method == "lora":
+    if entry.kind == "adapter":
+        if method != "lora":
+            raise UsageError(f"--methods: {method!r} has no fine-tuning recipe; use lora")
         model = _with_lora(model, setup.targets, config.rank)
     model.to(setup.device)
     lr = config.resolved_lr(method)
-    if method in ("full", "lora"):
+    if entry.kind == "adapter" or method == "full":
         optimizer = gm.create_optimizer(model, "full", lr=lr)
     else:
         optimizer = gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(),
