@@ -98,9 +98,12 @@ def read_size(path: str) -> dict:
     """The JSON config's fields plus the derived rank (hidden/4) and parameter split."""
     _, model_config = _model_tools()
     config = model_config(path)
-    hidden = getattr(config, "hidden_size", None)
-    if not isinstance(hidden, int) or hidden <= 0:
-        raise UsageError(f"--models: {path!r} has no positive hidden_size; the study sets rank = hidden_size/4")
+    # LlamaConfig fills a missing hidden_size with 4096; a study of widths must not inherit that silently
+    raw = json.loads(Path(path).read_text()) if str(path).endswith(".json") else {}
+    hidden = raw.get("hidden_size") if str(path).endswith(".json") else getattr(config, "hidden_size", None)
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
+        raise UsageError(f"--models: {path!r} has no positive integer hidden_size; the study sets rank = hidden_size/4 "
+                         "and reads the width from it — add \"hidden_size\" to the JSON")
     return dict(path=path, name=Path(path).stem, hidden=hidden, layers=config.num_hidden_layers,
                 vocab=config.vocab_size, rank=hidden // 4)
 
@@ -108,12 +111,12 @@ def read_size(path: str) -> dict:
 _DATA: dict[tuple, object] = {}
 
 
-def load_data(vocab: int, seq_len: int, val_tokens: int):
+def load_data(vocab: int, seq_len: int, val_tokens: int, source: str | None = None, cache_dir: str | None = None):
     from galore_mini.train.data import prepare_data
 
-    key = (vocab, seq_len, val_tokens)
+    key = (vocab, seq_len, val_tokens, source, cache_dir)
     if key not in _DATA:
-        _DATA[key] = prepare_data(None, seq_len=seq_len, vocab_size=vocab, val_tokens=val_tokens,
+        _DATA[key] = prepare_data(source, seq_len=seq_len, vocab_size=vocab, val_tokens=val_tokens, cache_dir=cache_dir,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
     return _DATA[key]
 
@@ -170,7 +173,7 @@ def val_loss(model, rows: torch.Tensor, batch: int) -> float:
 
 def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
     build_model, model_config = _model_tools()
-    data = load_data(size["vocab"], args.seq_len, args.val_tokens)
+    data = load_data(size["vocab"], args.seq_len, args.val_tokens, args.data, args.cache_dir)
     config = model_config(size["path"], vocab_size=data.vocab_size)
     model = build_model(config, seed=seed)
     torch.manual_seed(seed)
@@ -212,7 +215,7 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
     loss_val = float("inf") if diverged else val_loss(model, data.val, args.batch_size)
     return dict(size=size["name"], model=size["path"], hidden=size["hidden"], rank=size["rank"], variant=variant,
                 method=VARIANTS[variant]["method"], lr=lr, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                seq_len=args.seq_len, val_tokens=int(data.val[:, 1:].numel()), val_loss=loss_val,
+                seq_len=args.seq_len, data=args.data, val_tokens=int(data.val[:, 1:].numel()), val_loss=loss_val,
                 val_ppl=math.exp(loss_val) if math.isfinite(loss_val) and loss_val < 700 else float("inf"),
                 train_loss_last20=statistics.fmean(losses[-20:]), diverged=diverged,
                 optimizer_bytes=state_bytes(optimizer), train_seconds=round(seconds, 1), update_rms=probes,
@@ -222,8 +225,9 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
 # -- results file --------------------------------------------------------------------------------
 
 
-def run_key(size: str, variant: str, lr: float, seed: int, steps: int, batch: int, seq: int) -> str:
-    return f"{size}|{variant}|lr={lr:g}|seed={seed}|steps={steps}|batch={batch}x{seq}"
+def run_key(size: str, variant: str, lr: float, seed: int, steps: int, batch: int, seq: int,
+            data: str | None = None) -> str:
+    return f"{size}|{variant}|lr={lr:g}|seed={seed}|steps={steps}|batch={batch}x{seq}" + (f"|data={data}" if data else "")
 
 
 def load_results(path: Path) -> dict:
@@ -241,13 +245,15 @@ def save_results(path: Path, results: dict) -> None:
 
 def matching(results: dict, size: str, args, variant: str | None = None, seed: int | None = None) -> list[dict]:
     return [r for r in results["runs"] if r["size"] == size and r["steps"] == args.steps
+            and r.get("data") == args.data
             and r["batch_size"] == args.batch_size and r["seq_len"] == args.seq_len
             and (variant is None or r["variant"] == variant) and (seed is None or r["seed"] == seed)]
 
 
 def best_lr(results: dict, size: str, variant: str, args) -> float | None:
     """The lr of the lowest seed-0 validation loss of `variant`'s sweep (None: not swept yet)."""
-    runs = [r for r in matching(results, size, args, variant, seed=0) if r["lr"] in lr_grid(variant, args)]
+    points = sweep_points(size, variant, results, args)
+    runs = [r for r in matching(results, size, args, variant, seed=0) if r["lr"] in points]
     return min(runs, key=lambda r: r["val_loss"])["lr"] if runs else None
 
 
@@ -257,9 +263,35 @@ def lr_grid(variant: str, args) -> tuple[float, ...]:
     return LR_GRID.get(variant, ())
 
 
+def ladder(lr: float, up: bool) -> float:
+    """The next rate on the 1-3-10 ladder above (or below) `lr`: 1e-2 → 3e-2 → 1e-1, 1e-2 → 3e-3 → 1e-3."""
+    ones = lr / 10.0 ** math.floor(math.log10(lr) + 1e-9) < 2
+    if up:
+        return float(f"{lr * 3 if ones else lr * 10 / 3:.0e}")
+    return float(f"{lr * 0.3 if ones else lr / 3:.0e}")
+
+
+def sweep_points(size: str, variant: str, results: dict, args) -> list[float]:
+    """The grid, plus rungs of the 1-3-10 ladder beyond whichever edge holds the best loss (at most
+    ``--extend`` of them), so that every swept best is interior: a best at the edge is not a best."""
+    points = list(lr_grid(variant, args))
+    for _ in range(args.extend):
+        runs = {r["lr"]: r["val_loss"] for r in matching(results, size, args, variant, seed=0) if r["lr"] in points}
+        if len(runs) < len(points):
+            break  # the grid is not finished yet
+        best = min(runs, key=runs.get)
+        if best == max(points):
+            points.append(ladder(best, up=True))
+        elif best == min(points):
+            points.append(ladder(best, up=False))
+        else:
+            break
+    return points
+
+
 def plan(phase: str, size: dict, results: dict, args) -> list[tuple[str, float, int]]:
     if phase == "sweep":
-        return [(v, lr, 0) for v in args.methods for lr in lr_grid(v, args)]
+        return [(v, lr, 0) for v in args.methods for lr in sweep_points(size["name"], v, results, args)]
     if phase == "seeds":
         out = []
         for v in args.methods:
@@ -284,10 +316,14 @@ def run_phase(args) -> dict:
         size = read_size(model_path)
         if args.smoke:
             size["rank"] = 4
-        for variant, lr, seed in plan(args.phase, size, results, args):
-            key = run_key(size["name"], variant, lr, seed, args.steps, args.batch_size, args.seq_len)
-            if any(r.get("key") == key for r in results["runs"]):
-                continue
+        while True:  # re-plan after every run: a finished grid may call for a rung beyond its edge
+            todo = [(v, lr, seed) for v, lr, seed in plan(args.phase, size, results, args)
+                    if not any(r.get("key") == run_key(size["name"], v, lr, seed, args.steps, args.batch_size,
+                                                       args.seq_len, args.data) for r in results["runs"])]
+            if not todo:
+                break
+            variant, lr, seed = todo[0]
+            key = run_key(size["name"], variant, lr, seed, args.steps, args.batch_size, args.seq_len, args.data)
             print(f"[{time.strftime('%H:%M:%S')}] {key}", file=sys.stderr, flush=True)
             row = train_one(size, variant, lr, seed, args)
             row["key"] = key
@@ -383,9 +419,13 @@ def parse(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(MAIN), choices=list(VARIANTS))
     parser.add_argument("--variants", nargs="+", default=list(DIAG), choices=list(VARIANTS))
     parser.add_argument("--lrs", nargs="+", type=float, help="one lr grid for every method (default: LR_GRID)")
+    parser.add_argument("--extend", type=int, default=2,
+                        help="sweep: at most this many 1-3-10 rungs beyond an edge that holds the best")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--diag-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--diag-lr", type=float, help="lr of the diagnosis runs (default: galore_mini's best)")
+    parser.add_argument("--data", help="text file or folder (default: the harness's default corpus)")
+    parser.add_argument("--cache-dir", help="where the tokenizer and token ids are cached (default: the harness's)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
