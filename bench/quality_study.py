@@ -14,6 +14,7 @@ there is skipped, so an interrupted study resumes where it stopped):
 * ``sweep``  — every method of ``--methods`` at every lr of its grid (``--lrs`` or `LR_GRID`), seed 0;
 * ``seeds``  — every method at its best swept lr, seeds ``--seeds``;
 * ``diag``   — GaLore-mini variants at GaLore-mini's best lr (one table per hypothesis), seed 0;
+* ``memory`` — optimizer state bytes of every method and variant after one step (no training);
 * ``report`` — markdown tables and the sweep plot from what ``--json`` holds (no training).
 
     PYTHONPATH=src python bench/quality_study.py sweep --models configs/llama_h256_l4_v2048.json --steps 300
@@ -222,6 +223,17 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
                 when=C.machine()["date"])
 
 
+def measure_state(size: dict, variant: str) -> int:
+    """Optimizer state bytes of `variant` on `size` after one step on random tokens (no training data needed)."""
+    build_model, model_config = _model_tools()
+    model = build_model(model_config(size["path"]), seed=0)
+    optimizer = build_optimizer(model, variant, 1e-3, size["rank"])
+    ids = torch.randint(0, size["vocab"], (1, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return state_bytes(optimizer)
+
+
 # -- results file --------------------------------------------------------------------------------
 
 
@@ -312,6 +324,18 @@ def run_phase(args) -> dict:
     torch.set_num_threads(args.threads)
     path = Path(args.json)
     results = load_results(path)
+    if args.phase == "memory":
+        for model_path in args.models:
+            size = read_size(model_path)
+            for variant in args.methods + [v for v in args.variants if v not in args.methods]:
+                row = dict(size=size["name"], hidden=size["hidden"], vocab=size["vocab"], rank=size["rank"],
+                           variant=variant, optimizer_bytes=measure_state(size, variant))
+                print(f"{size['name']} {variant}: {row['optimizer_bytes'] / 2**20:.2f} MiB", file=sys.stderr)
+                results = load_results(path)
+                memory = [m for m in results.get("memory", []) if (m["size"], m["variant"]) != (row["size"], variant)]
+                results["memory"] = memory + [row]
+                save_results(path, results)
+        return results
     for model_path in args.models:
         size = read_size(model_path)
         if args.smoke:
@@ -362,8 +386,9 @@ def report(results: dict, plot: str | None) -> str:
                 cells.append(f"{hit[0]['val_ppl']:.1f}" if hit else "")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines += ["", "Seeds at each variant's best lr (mean ± sample std over seeds):\n",
-                  "| variant | lr | seeds | val ppl | optimizer state | normalised update rms (projected / emb+out) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| variant | lr | seeds | val ppl | min – max | optimizer state | "
+                  "normalised update rms (projected / emb+out) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for v in variants:
             by_lr = {}
             for r in these:
@@ -375,7 +400,19 @@ def report(results: dict, plot: str | None) -> str:
             upd = (f"{statistics.fmean(p['projected'] for p in probe):.3f} / {statistics.fmean(p['io'] for p in probe):.3f}"
                    if probe else "")
             lines.append(f"| {v} | {lr:g} | {n} | {mean:.2f} ± {sd:.2f} | "
+                         f"{min(r['val_ppl'] for r in group):.2f} – {max(r['val_ppl'] for r in group):.2f} | "
                          f"{group[0]['optimizer_bytes'] / 2**20:.2f} MiB | {upd} |")
+        lines.append("")
+    memory = results.get("memory", [])
+    if memory:
+        names = sorted({(m["hidden"], m["size"]) for m in memory})
+        variants = [v for v in VARIANTS if any(m["variant"] == v for m in memory)]
+        lines += ["### Optimizer state (MiB; one step on random tokens, rank = hidden/4)\n",
+                  "| variant | " + " | ".join(n for _, n in names) + " |", "|---|" + "---:|" * len(names)]
+        for v in variants:
+            cells = [next((f"{m['optimizer_bytes'] / 2**20:.2f}" for m in memory if (m["size"], m["variant"]) == (n, v)),
+                          "") for _, n in names]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     if plot:
         write_plot(runs, plot)
@@ -414,7 +451,7 @@ def write_plot(runs: list[dict], path: str) -> None:
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=("sweep", "seeds", "diag", "report"))
+    parser.add_argument("phase", choices=("sweep", "seeds", "diag", "memory", "report"))
     parser.add_argument("--models", nargs="+", default=[str(ROOT / "configs" / "llama_h256_l4_v2048.json")])
     parser.add_argument("--methods", nargs="+", default=list(MAIN), choices=list(VARIANTS))
     parser.add_argument("--variants", nargs="+", default=list(DIAG), choices=list(VARIANTS))
