@@ -53,7 +53,8 @@ DEFAULT_JSON = ROOT / "bench" / "results" / "quality_study.json"
 VARIANTS: dict[str, dict] = {
     "full": dict(method="full", what="AdamW, one lr for every weight"),
     "full_split": dict(method="full", split=True,
-                       what="AdamW, attention/MLP matrices at lr×scale, embedding/output/norms at lr (GaLore's split)"),
+                       what="AdamW, attention/MLP matrices at lr×scale, embedding/output/norms at lr "
+                            "(GaLore's split)"),
     "adam_mini": dict(method="adam_mini", what="Adam-mini"),
     "galore": dict(method="galore", what="GaLore-AdamW (exact SVD)"),
     "galore_mini": dict(method="galore_mini", what="GaLore-mini approach 3 (the paper's; power-iteration refresh)"),
@@ -185,7 +186,8 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
     infos = gm.param_groups(model, "galore", rank=size["rank"]).infos
     projected = [i.param for i in infos if i.projectable]
     io = [i.param for i in infos if i.role in ("embedding", "output")]
-    probe_steps = {round(k * (args.steps - 1) / max(1, args.probes - 1)) for k in range(args.probes)} if args.probes else set()
+    probe_steps = ({round(k * (args.steps - 1) / max(1, args.probes - 1)) for k in range(args.probes)}
+                   if args.probes else set())
     probes = []
     trainable = [p for p in model.parameters() if p.requires_grad]
     started = time.perf_counter()
@@ -239,7 +241,8 @@ def measure_state(size: dict, variant: str) -> int:
 
 def run_key(size: str, variant: str, lr: float, seed: int, steps: int, batch: int, seq: int,
             data: str | None = None) -> str:
-    return f"{size}|{variant}|lr={lr:g}|seed={seed}|steps={steps}|batch={batch}x{seq}" + (f"|data={data}" if data else "")
+    key = f"{size}|{variant}|lr={lr:g}|seed={seed}|steps={steps}|batch={batch}x{seq}"
+    return key + (f"|data={data}" if data else "")
 
 
 def load_results(path: Path) -> dict:
@@ -397,7 +400,8 @@ def report(results: dict, plot: str | None) -> str:
             lr, group = max(by_lr.items(), key=lambda kv: (len(kv[1]), -statistics.fmean(x["val_loss"] for x in kv[1])))
             mean, sd, n = summary(group)
             probe = [p for r in group for p in r.get("update_rms", [])]
-            upd = (f"{statistics.fmean(p['projected'] for p in probe):.3f} / {statistics.fmean(p['io'] for p in probe):.3f}"
+            upd = (f"{statistics.fmean(p['projected'] for p in probe):.3f} / "
+                   f"{statistics.fmean(p['io'] for p in probe):.3f}"
                    if probe else "")
             lines.append(f"| {v} | {lr:g} | {n} | {mean:.2f} ± {sd:.2f} | "
                          f"{min(r['val_ppl'] for r in group):.2f} – {max(r['val_ppl'] for r in group):.2f} | "
@@ -410,8 +414,8 @@ def report(results: dict, plot: str | None) -> str:
         lines += ["### Optimizer state (MiB; one step on random tokens, rank = hidden/4)\n",
                   "| variant | " + " | ".join(n for _, n in names) + " |", "|---|" + "---:|" * len(names)]
         for v in variants:
-            cells = [next((f"{m['optimizer_bytes'] / 2**20:.2f}" for m in memory if (m["size"], m["variant"]) == (n, v)),
-                          "") for _, n in names]
+            cells = [next((f"{m['optimizer_bytes'] / 2**20:.2f}" for m in memory
+                           if (m["size"], m["variant"]) == (n, v)), "") for _, n in names]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     if plot:
