@@ -6,7 +6,9 @@ for every method, linear warm-up over 10% of the steps, cosine to 10% of the pea
 at 1.0, no weight decay, rank = hidden/4, refresh gap T = 200 — and scores the fixed validation rows
 at the end (token-mean cross-entropy, ``ppl = exp``). The loop is the harness's (`galore_mini.train`)
 written out here so that a run can use optimizers the CLI cannot build: AdamW with the GaLore family's
-two learning rates, and GaLore-mini variants for the gap diagnosis (see `VARIANTS`).
+two learning rates, and GaLore-mini variants for the gap diagnosis (see `VARIANTS`). One difference:
+the global RNG is re-seeded after the model is built (the harness seeds once before), so the random
+start of GaLore-mini's power-iteration refresh draws other numbers than in a harness run.
 
 Phases (each a list of runs; results are appended to ``--json`` as they finish and a run already
 there is skipped, so an interrupted study resumes where it stopped):
