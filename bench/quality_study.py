@@ -432,14 +432,15 @@ def write_plot(runs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({(r["size"], r["steps"], r["batch_size"]) for r in runs})
+    sizes = sorted({(r["hidden"], r["size"], r["steps"], r["batch_size"]) for r in runs})
+    colours = {v: f"C{i}" for i, v in enumerate(LR_GRID)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False)
-    for ax, (size, steps, batch) in zip(axes[0], sizes):
+    for ax, (_, size, steps, batch) in zip(axes[0], sizes):
         for v in VARIANTS:
             pts = sorted((r["lr"], r["val_ppl"]) for r in runs if (r["size"], r["steps"], r["batch_size"]) ==
                          (size, steps, batch) and r["variant"] == v and r["seed"] == 0 and v in LR_GRID)
             if len(pts) > 1:
-                ax.plot([p[0] for p in pts], [min(p[1], 1e4) for p in pts], marker="o", label=v)
+                ax.plot([p[0] for p in pts], [min(p[1], 1e4) for p in pts], marker="o", label=v, color=colours[v])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("peak learning rate")
