@@ -93,6 +93,7 @@ def test_two_process_fsdp_run_matches_one_process_and_resumes_exactly(tmp_path):
     report = json.loads((tmp_path / "fsdp.json").read_text())
     ref, resumed = report["reference"], report["resumed"]
     assert set(ref) == set(single) and ref["world_size"] == 2 and ref["tokens"] == single["tokens"]
+    assert ref["params"] == single["params"]
     # per-rank bytes: each process holds part of the weights and of the state
     assert ref["weights_bytes"] < single["weights_bytes"] and ref["optimizer_bytes"] < single["optimizer_bytes"]
     for run in ("fsdp-ref", "fsdp-run"):

@@ -47,6 +47,12 @@ made by process 0 and shared, so a refusal stops every process with the same mes
 :func:`train` does not leave the process group (callers may train again in it);
 :func:`leave_distributed` does, after dropping every reference to the DDP wrapper
 (see its docstring for why the order matters).
+
+FSDP2 (``fsdp=True``, ``--fsdp``): instead of DDP the model is sharded with ``fully_shard``
+(each decoder layer, then the root; ``fsdp_mixed_precision="bf16"`` for a bf16 compute policy)
+before the optimizer is built, and checkpoints are DCP folders (``checkpoint-dcp/``, the previous
+one ``checkpoint-dcp.prev/``) resumed bit-for-bit at the same world size; one process is allowed.
+See :mod:`galore_mini.train.sharded`.
 """
 
 from __future__ import annotations

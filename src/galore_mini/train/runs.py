@@ -23,6 +23,10 @@ A run folder holds ``metrics.jsonl``, ``checkpoint.pt`` (the newest checkpoint),
   ``checkpoint.prev.pt`` and moves the bad file aside (``checkpoint.pt.corrupt``) so the
   next save cannot rotate it into the fallback slot. With no readable checkpoint it is one
   :class:`~galore_mini.errors.UsageError`, never an unpickler traceback.
+* **Sharded runs** (``--fsdp``) keep DCP folders instead: ``checkpoint-dcp/`` and
+  ``checkpoint-dcp.prev/``, published by :meth:`RunFolder.publish_dcp` (temporary folder, then
+  renames) and picked by :meth:`RunFolder.newest_readable_dcp` with the same fall-back. A folder
+  holding one kind of checkpoint is not resumed as the other: the error names the flag to use.
 
 Example::
 
