@@ -128,8 +128,16 @@ def test_fsdp_one_process_bf16_policy_and_refusals(tmp_path):
     """World size 1 is legal (a process group of one); bf16 mixed precision trains with fp32 master weights."""
     base = small_config(tmp_path, method="galore_mini", steps=2, save_every=0, eval_every=0, fsdp=True)
     try:
-        plain = train(replace(base, out=str(tmp_path / "fp32")))
+        plain = train(replace(base, out=str(tmp_path / "fp32"), save_every=1))
         mixed = train(replace(base, out=str(tmp_path / "bf16"), fsdp_mixed_precision="bf16"))
+        # a damaged newest checkpoint and a half-written one: resume deletes the temporary, moves the damaged
+        # one aside and continues from the previous (step 1), ending where the run ended
+        (tmp_path / "fp32" / DCP_CHECKPOINT / ".metadata").unlink()
+        (tmp_path / "fp32" / f"{DCP_CHECKPOINT}.tmp-7").mkdir()
+        again = train(replace(base, out=str(tmp_path / "fp32"), save_every=1, resume=True))
+        assert again["val_loss"] == plain["val_loss"]
+        assert (tmp_path / "fp32" / f"{DCP_CHECKPOINT}.corrupt").is_dir()
+        assert not (tmp_path / "fp32" / f"{DCP_CHECKPOINT}.tmp-7").exists()
         assert plain["world_size"] == mixed["world_size"] == 1
         # bf16 compute moves the loss by bf16 round-off, not more
         assert mixed["val_loss"] != plain["val_loss"]
