@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -52,8 +53,11 @@ _WORKER = textwrap.dedent("""
     except Killed:
         pass
     resumed = train(replace(base, out=str(tmp / "fsdp-run"), resume=True))
+    # a one-process sharded checkpoint (step 4), resharded onto 2 processes
+    from_one = train(replace(base, out=str(tmp / "one-to-two"), resume=True))
     if dist.get_rank() == 0:
-        (tmp / "fsdp.json").write_text(json.dumps({{"reference": reference, "resumed": resumed}}))
+        (tmp / "fsdp.json").write_text(json.dumps({{"reference": reference, "resumed": resumed,
+                                                   "from_one": from_one}}))
     leave_distributed()
 """)
 
@@ -78,10 +82,24 @@ def _flat(tree, prefix=""):
         yield prefix, tree
 
 
+def _at_step_4(run: Path, copy: Path) -> Path:
+    """A copy of the run folder `run` whose newest checkpoint is gone, so a resume starts from step 4."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / DCP_CHECKPOINT)
+    (copy / "final.json").unlink()
+    return copy
+
+
 @pytest.mark.slow
 def test_two_process_fsdp_run_matches_one_process_and_resumes_exactly(tmp_path):
-    single = train(small_config(tmp_path, method="galore_mini", batch_size=4, steps=6, save_every=2, eval_every=3,
-                                out=str(tmp_path / "single")))
+    settings = dict(method="galore_mini", steps=6, save_every=2, eval_every=3)
+    single = train(small_config(tmp_path, batch_size=4, out=str(tmp_path / "single"), **settings))
+    try:  # the same global micro-batches sharded in one process (a process group of one)
+        one_run = train(small_config(tmp_path, batch_size=2, grad_accum=2, fsdp=True, out=str(tmp_path / "fsdp-one"),
+                                 **settings))
+    finally:
+        loop.leave_distributed()
+    _at_step_4(tmp_path / "fsdp-one", tmp_path / "one-to-two")
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(tests=str(TESTS), tmp=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -112,10 +130,26 @@ def test_two_process_fsdp_run_matches_one_process_and_resumes_exactly(tmp_path):
             assert value == flat_b[key], key
     # the same model as one process with the whole batch, to the round-off of the reductions
     assert ref["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert one_run["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert report["from_one"]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    two_to_one = _at_step_4(tmp_path / "fsdp-ref", tmp_path / "two-to-one")
+    try:
+        with pytest.raises(UsageError, match="use --batch-size 2"):  # the same global batch, or refused
+            train(small_config(tmp_path, batch_size=1, grad_accum=2, fsdp=True, out=str(two_to_one), resume=True,
+                               **settings))
+        back = train(small_config(tmp_path, batch_size=2, grad_accum=2, fsdp=True, out=str(two_to_one), resume=True,
+                                  **settings))
+    finally:
+        loop.leave_distributed()
+    assert back["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    resharded = {"two-to-one": _dcp(two_to_one / DCP_CHECKPOINT)["model"],
+                 "one-to-two": _dcp(tmp_path / "one-to-two" / DCP_CHECKPOINT)["model"]}
     one = torch.load(tmp_path / "single" / loop.CHECKPOINT, weights_only=True)["model"]
     assert a["model"].keys() == one.keys()
     for key in one:
         torch.testing.assert_close(a["model"][key], one[key], rtol=1e-4, atol=1e-5)
+        for what, model in resharded.items():
+            torch.testing.assert_close(model[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
     metrics = loop.read_metrics(tmp_path / "fsdp-run" / loop.METRICS)
     assert [r["step"] for r in metrics if r["kind"] == "train"] == [2, 4, 6]  # no line twice after the resume
     # the sharded checkpoint is not silently ignored by an unsharded resume

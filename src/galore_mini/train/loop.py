@@ -756,7 +756,13 @@ def resume(run: Run) -> None:
         from galore_mini.train.runs import DCP_META
 
         state = loaded["state"] if dist_info.is_main else folder.load(f"{name}/{DCP_META}", sharded=True)
-        _check_resumable(config, state, dist_info)
+        if _check_resumable(config, state, dist_info):
+            saved_world = len(state["rng"])
+            run.log(f"resharding: the checkpoint was written by {saved_world} processes, this run has "
+                    f"{dist_info.world_size}; DCP reshards the model and optimizer state (equal to round-off of "
+                    "the reductions), the batches go on unchanged, and process k takes the random-number state "
+                    f"of process k mod {saved_world} (dropout draws other masks than the uninterrupted run)")
+            state["rng"] = [state["rng"][r % saved_world] for r in range(dist_info.world_size)]
         sharded.load_checkpoint(folder.path / name, run.model, run.optimizer)
     else:
         state = loaded["state"] if dist_info.is_main else folder.load(name)
@@ -967,17 +973,33 @@ def close(run: Run) -> None:
     run.ddp_model = None
 
 
-def _check_resumable(config: TrainConfig, state: dict, dist_info: Dist) -> None:
+def _check_resumable(config: TrainConfig, state: dict, dist_info: Dist) -> bool:
+    """Refuse a checkpoint this run cannot continue; True when it is a sharded one resharded to this world size."""
     saved = state.get("config", {})
+    saved_world = int(state.get("world_size", 1))
+    resharded = config.fsdp and saved_world != dist_info.world_size
+    # resharded, the per-process batch changes with the world size; the global batch is checked below
+    free = _RESUME_FREE | ({"batch_size"} if resharded else set())
     differing = sorted(name for name, value in asdict(config).items()
-                       if name not in _RESUME_FREE and name in saved and saved[name] != value)
+                       if name not in free and name in saved and saved[name] != value)
     if differing:
         detail = ", ".join(f"{n}: checkpoint {saved[n]!r}, now {getattr(config, n)!r}" for n in differing)
         raise UsageError(f"--resume: the checkpoint in {config.out} was made with other settings ({detail}); "
                          "use the same settings, --overwrite to start again, or another --out")
-    if int(state.get("world_size", 1)) != dist_info.world_size:
+    if resharded:
+        rows = int(saved.get("batch_size", config.batch_size)) * saved_world
+        if config.batch_size * dist_info.world_size != rows:
+            per = f"--batch-size {rows // dist_info.world_size}" if rows % dist_info.world_size == 0 else \
+                f"a number of processes that divides {rows}"
+            raise UsageError(f"--resume: the checkpoint was written by {saved_world} processes of --batch-size "
+                             f"{saved.get('batch_size')} ({rows} rows per micro-batch in all); at "
+                             f"{dist_info.world_size} processes use {per}, so that the run goes on over the same "
+                             "batches")
+    elif saved_world != dist_info.world_size:
         raise UsageError(f"--resume: the checkpoint was written by {state.get('world_size')} processes, "
-                         f"this run has {dist_info.world_size}; resume with the same --nproc_per_node")
+                         f"this run has {dist_info.world_size}; resume with the same --nproc_per_node (or "
+                         "train with --fsdp, whose checkpoints reshard)")
+    return resharded
 
 
 def _log_metrics(path: Path, dist_info: Dist, **record: Any) -> None:
