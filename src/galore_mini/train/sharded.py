@@ -22,8 +22,11 @@ by parameter name and DTensor-placed) with ``torch.distributed.checkpoint.save``
 position, every rank's RNG state), fsyncs, and rotates by renames (see
 :meth:`galore_mini.train.runs.RunFolder.publish_dcp`). Resume picks the newest folder whose
 ``meta.pt`` and DCP metadata are readable, falling back to the previous one, and is bit-for-bit at the
-same world size. DCP itself reshards, but the harness's data stream and per-rank RNG are laid out per
-process, so resuming at another world size is refused (``_check_resumable``).
+same world size. At another world size DCP reshards the model and optimizer state; the run goes on
+over the same batches when the global micro-batch (``--batch-size`` × processes) is unchanged, which
+``_check_resumable`` demands (naming the ``--batch-size`` to use). The result then equals the
+uninterrupted run to the round-off of the reductions; process k takes the RNG state of saved process
+k mod (saved world size), so dropout draws other masks (said in a message).
 
 Example (two processes on CPU)::
 
