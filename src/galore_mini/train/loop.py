@@ -416,7 +416,7 @@ def setup_distributed(device: str, fsdp: bool = False) -> Dist:
         if fsdp:
             from galore_mini.train.sharded import world_of_one_group
 
-            if single.type == "cuda":
+            if single.index is not None:
                 torch.cuda.set_device(single)
             importlib.import_module("torch.distributed.nn.functional")  # see below
             world_of_one_group("nccl" if single.type == "cuda" else "gloo")

@@ -46,23 +46,14 @@ from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 
 MIXED_PRECISION = ("bf16",)
-# methods whose optimizer or model refuse DTensor parameters, with why (the optimizers say so themselves too;
-# naming them here refuses before any data is read)
-_UNSUPPORTED = {
-    "galore_mini_a1": "GaLore-mini's approach 1 is not implemented on DTensor parameters",
-    "galore_mini_a2": "GaLore-mini's approach 2 is not implemented on DTensor parameters",
-    "galore_adafactor": "GaLoreAdafactor is not implemented on DTensor parameters",
-    "galore_8bit": "8-bit moments are not implemented on DTensor parameters",
-    "galore_mini_8bit": "8-bit moments are not implemented on DTensor parameters",
-    "relora": "ReLoRA's merge of the adapters into sharded frozen weights is not implemented",
-}
 
 
 def check_method(method: str) -> None:
-    """A `UsageError` for a method that cannot run sharded (unknown methods are refused elsewhere)."""
-    why = _UNSUPPORTED.get(method)
-    if why is not None:
-        usable = ", ".join(name for name in registry.METHODS if name not in _UNSUPPORTED)
+    """A `UsageError` for a method that cannot run sharded (``Method.no_fsdp``; unknown methods are refused
+    elsewhere). Its optimizer would refuse DTensor parameters too; this refuses before any data is read."""
+    why = registry.get(method, "--method").no_fsdp
+    if why:
+        usable = ", ".join(name for name in registry.METHODS if not registry.get(name).no_fsdp)
         raise UsageError(f"--fsdp with --method={method}: {why}; use one of {usable}, or drop --fsdp "
                          "(DDP replicates the model and state)")
 
