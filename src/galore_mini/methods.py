@@ -45,6 +45,8 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
     #: whether the optimizer keeps its moments in `state_dtype` (torch's AdamW follows the weights)
     state_dtype_option: bool = True
+    #: why the method cannot train an FSDP2-sharded (DTensor) model ("" when it can; ``pretrain --fsdp``)
+    no_fsdp: str = ""
 
     @property
     def ranked(self) -> bool:
@@ -63,19 +65,23 @@ _METHODS = (
     Method("galore_mini", "GaLore-mini", "GaLore-mini", "optimizer", "GaLoreMini", projected=True, blocked=True,
            finetune_lr=1e-3),
     Method("galore_mini_a1", "GaLore-mini (approach 1)", "GaLore-mini a1", "optimizer", "GaLoreMini",
-           projected=True, blocked=True, options={"approach": 1}),
+           projected=True, blocked=True, options={"approach": 1},
+           no_fsdp="GaLore-mini's approach 1 is not implemented on DTensor parameters"),
     Method("galore_mini_a2", "GaLore-mini (approach 2)", "GaLore-mini a2", "optimizer", "GaLoreMini",
-           projected=True, blocked=True, options={"approach": 2}),
+           projected=True, blocked=True, options={"approach": 2},
+           no_fsdp="GaLore-mini's approach 2 is not implemented on DTensor parameters"),
     Method("galore_adafactor", "GaLore-Adafactor", "GaLore-Adafactor", "optimizer", "GaLoreAdafactor",
            projected=True, eps=None, options={"relative_step": False, "scale_parameter": False},
-           state_dtype_option=False),
-    Method("galore_8bit", "8-bit GaLore", "8-bit GaLore", "optimizer", "GaLoreAdamW8bit", projected=True, eps=1e-6),
+           state_dtype_option=False, no_fsdp="GaLoreAdafactor is not implemented on DTensor parameters"),
+    Method("galore_8bit", "8-bit GaLore", "8-bit GaLore", "optimizer", "GaLoreAdamW8bit", projected=True, eps=1e-6,
+           no_fsdp="8-bit moments are not implemented on DTensor parameters"),
     Method("galore_mini_8bit", "8-bit GaLore-mini", "8-bit GaLore-mini", "optimizer", "GaLoreMini", projected=True,
-           blocked=True, options={"moment_bits": 8}),
+           blocked=True, options={"moment_bits": 8}, no_fsdp="8-bit moments are not implemented on DTensor parameters"),
     Method("low_rank", "Low-Rank", "Low-Rank", "adapter", "AdamW", default_lr=1e-3, state_dtype_option=False),
     Method("lora", "LoRA", "LoRA", "adapter", "AdamW", default_lr=3e-3, state_dtype_option=False,
            finetune_lr=3e-3),
-    Method("relora", "ReLoRA", "ReLoRA", "adapter", "AdamW", default_lr=1e-3, state_dtype_option=False),
+    Method("relora", "ReLoRA", "ReLoRA", "adapter", "AdamW", default_lr=1e-3, state_dtype_option=False,
+           no_fsdp="ReLoRA's merge of the adapters into sharded frozen weights is not implemented"),
 )
 
 REGISTRY: dict[str, Method] = {m.name: m for m in _METHODS}

@@ -47,6 +47,12 @@ made by process 0 and shared, so a refusal stops every process with the same mes
 :func:`train` does not leave the process group (callers may train again in it);
 :func:`leave_distributed` does, after dropping every reference to the DDP wrapper
 (see its docstring for why the order matters).
+
+FSDP2 (``fsdp=True``, ``--fsdp``): instead of DDP the model is sharded with ``fully_shard``
+(each decoder layer, then the root; ``fsdp_mixed_precision="bf16"`` for a bf16 compute policy)
+before the optimizer is built, and checkpoints are DCP folders (``checkpoint-dcp/``, the previous
+one ``checkpoint-dcp.prev/``) resumed bit-for-bit at the same world size; one process is allowed.
+See :mod:`galore_mini.train.sharded`.
 """
 
 from __future__ import annotations
@@ -135,6 +141,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     bf16: bool = False
+    fsdp: bool = False  # shard the model with FSDP2 (fully_shard per decoder layer + root) instead of DDP
+    fsdp_mixed_precision: str | None = None  # "bf16": FSDP2 computes in bf16, reduces gradients in fp32
     progress: bool = True
 
     # -- derived values -------------------------------------------------------------------------
@@ -213,6 +221,18 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                              "--overwrite deletes it; give one")
+        if self.fsdp_mixed_precision is not None:
+            from galore_mini.train.sharded import MIXED_PRECISION
+
+            if not self.fsdp:
+                raise UsageError(f"--fsdp-mixed-precision={self.fsdp_mixed_precision} is FSDP2's policy; add --fsdp")
+            if self.fsdp_mixed_precision not in MIXED_PRECISION:
+                raise UsageError(f"--fsdp-mixed-precision={self.fsdp_mixed_precision!r}: use "
+                                 f"{', '.join(MIXED_PRECISION)} (or leave it out for fp32)")
+        if self.fsdp:
+            from galore_mini.train.sharded import check_method
+
+            check_method(self.method)
         options = self.parsed_optimizer_options()
         if options and method.kind == "adapter":
             raise UsageError(f"--optimizer-options apply to the optimizer methods, not to {self.method!r}")
@@ -382,14 +402,25 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed(device: str) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+def setup_distributed(device: str, fsdp: bool = False) -> Dist:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA).
+
+    `fsdp` in a single process: a process group of one (FSDP2 needs a device mesh).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device={device}: no CUDA device is available")
     if world <= 1:
-        return Dist(device=torch.device(device if device.startswith("cuda") else ("cuda" if use_cuda else "cpu")))
+        single = torch.device(device if device.startswith("cuda") else ("cuda" if use_cuda else "cpu"))
+        if fsdp:
+            from galore_mini.train.sharded import world_of_one_group
+
+            if single.index is not None:
+                torch.cuda.set_device(single)
+            importlib.import_module("torch.distributed.nn.functional")  # see below
+            world_of_one_group("nccl" if single.type == "cuda" else "gloo")
+        return Dist(device=single)
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -530,6 +561,10 @@ def build_training(config: TrainConfig, vocab_size: int, device: torch.device,
         model = baselines.build_baseline(config.method, model, rank, lora_alpha=config.lora_alpha,
                                          lora_dropout=config.lora_dropout)
     model.to(device)
+    if config.fsdp:  # before the optimizer, so that it is built over the sharded (DTensor) parameters
+        from galore_mini.train.sharded import shard_model
+
+        model = shard_model(model, config.fsdp_mixed_precision)
     betas = (config.beta1, config.beta2)
     lr = config.resolved_lr()
     if method.kind == "adapter":
@@ -636,7 +671,7 @@ def train(config: TrainConfig, data=None, *, on_step: Callable[[int], None] | No
     there); `load_dataset` stands in for ``datasets.load_dataset`` for ``--data c4``.
     """
     config.validate()
-    dist_info = setup_distributed(config.device)
+    dist_info = setup_distributed(config.device, config.fsdp)
     log = _logger(dist_info.is_main)
     folder = RunFolder(config.out)
     on_main(dist_info, lambda: folder.claim(config.resume, config.overwrite, log))
@@ -682,6 +717,9 @@ def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callabl
 
     torch.manual_seed(config.seed)
     model, optimizer, relora = build_training(config, data.vocab_size, dist_info.device, broadcast)
+    if config.fsdp:
+        log(f"FSDP2: {dist_info.world_size} process(es), each decoder layer and the root sharded"
+            + (f", {config.fsdp_mixed_precision} mixed precision" if config.fsdp_mixed_precision else ""))
     warmup = config.resolved_warmup()
 
     def lr_factor(step: int) -> float:
@@ -703,6 +741,9 @@ def resume(run: Run) -> None:
 
     def pick() -> str | None:
         folder.remove_temporaries(run.log)
+        if config.fsdp:
+            path, loaded["state"] = folder.newest_readable_dcp(run.log)
+            return None if path is None else path.name
         name, loaded["state"] = folder.newest_readable(run.log)
         return name
 
@@ -710,10 +751,24 @@ def resume(run: Run) -> None:
     if name is None:
         run.log(f"no checkpoint in {folder.path}; starting from scratch")
         return
-    state = loaded["state"] if dist_info.is_main else folder.load(name)
-    _check_resumable(config, state, dist_info)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    if config.fsdp:
+        from galore_mini.train import sharded
+        from galore_mini.train.runs import DCP_META
+
+        state = loaded["state"] if dist_info.is_main else folder.load(f"{name}/{DCP_META}", sharded=True)
+        if _check_resumable(config, state, dist_info):
+            saved_world = len(state["rng"])
+            run.log(f"resharding: the checkpoint was written by {saved_world} processes, this run has "
+                    f"{dist_info.world_size}; DCP reshards the model and optimizer state (equal to round-off of "
+                    "the reductions), the batches go on unchanged, and process k takes the random-number state "
+                    f"of process k mod {saved_world} (dropout draws other masks than the uninterrupted run)")
+            state["rng"] = [state["rng"][r % saved_world] for r in range(dist_info.world_size)]
+        sharded.load_checkpoint(folder.path / name, run.model, run.optimizer)
+    else:
+        state = loaded["state"] if dist_info.is_main else folder.load(name)
+        _check_resumable(config, state, dist_info)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.stream.load_state_dict(state["data"])
     _set_rng_state(state["rng"][dist_info.rank], dist_info.device)
@@ -731,7 +786,7 @@ def start_logging(run: Run) -> None:
         run.folder.metrics.write_text("")
     dist_info.barrier()
     run.ddp_model = run.model
-    if dist_info.enabled:
+    if dist_info.enabled and not run.config.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         run.ddp_model = DistributedDataParallel(run.model, device_ids=[dist_info.local_rank]
@@ -749,7 +804,11 @@ def train_step(run: Run, step: int) -> StepOutcome:
         rows = batch[dist_info.rank * config.batch_size:(dist_info.rank + 1) * config.batch_size]
         rows = rows.to(dist_info.device, non_blocking=True)
         last = micro == config.grad_accum - 1
-        sync = contextlib.nullcontext() if (last or not dist_info.enabled) else run.ddp_model.no_sync()
+        if config.fsdp:  # reduce-scatter the gradient once, after the last micro-batch
+            run.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if (last or not dist_info.enabled) else run.ddp_model.no_sync()
         with sync:
             with torch.autocast(dist_info.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = run.ddp_model(input_ids=rows, labels=rows).loss / config.grad_accum
@@ -789,6 +848,8 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.P
     if before is None:
         if norm is None:
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
+            norm = norm.full_tensor()
         if not math.isfinite(float(norm)):
             return updatable
         optimizer.step()
@@ -838,7 +899,7 @@ def run_eval(run: Run) -> EvalResult:
     """Score the validation rows, log the result."""
     done, dist_info = run.progress.step, run.dist
     scored = evaluate(run.model, run.data.val, run.config.batch_size, dist_info.device, run.autocast_dtype,
-                      dist_info.rank, dist_info.world_size)
+                      dist_info.rank, dist_info.world_size, collective=run.config.fsdp)
     _log_metrics(run.folder.metrics, dist_info, kind="eval", step=done, tokens=done * run.tokens_per_step,
                  val_loss=scored.loss, val_ppl=scored.ppl)
     message = f"step {done}: val loss {scored.loss:.4f}, val ppl {scored.ppl:.2f}"
@@ -853,6 +914,14 @@ def save(run: Run) -> None:
     """A checkpoint of everything the next step depends on (process 0 writes it)."""
     rng = _gather_rng(run.dist)
     progress = run.progress
+    if run.config.fsdp:
+        from galore_mini.train import sharded
+
+        meta = {"format": CHECKPOINT_FORMAT, "step": progress.step, "config": asdict(run.config),
+                "scheduler": run.scheduler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
+                "train_time": progress.train_time, "progress": asdict(progress), "world_size": run.dist.world_size}
+        sharded.save_checkpoint(run.folder, run.model, run.optimizer, meta, run.dist.is_main, run.dist.barrier)
+        return
     if run.dist.is_main:
         run.folder.save({"format": CHECKPOINT_FORMAT, "step": progress.step, "config": asdict(run.config),
                          "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -868,8 +937,13 @@ def result(run: Run) -> dict[str, Any]:
     method = registry.get(config.method)
     if run.last_eval is None:  # resumed a finished run: nothing trained, score it again
         run.last_eval = evaluate(run.model, run.data.val, config.batch_size, dist_info.device, run.autocast_dtype,
-                                 dist_info.rank, dist_info.world_size)
-    weights, optimizer_bytes = _memory(run.model, run.optimizer)
+                                 dist_info.rank, dist_info.world_size, collective=config.fsdp)
+    if config.fsdp:  # what process 0 holds: its shards
+        from galore_mini.train import sharded
+
+        weights, optimizer_bytes = sharded.memory(run.model, run.optimizer)
+    else:
+        weights, optimizer_bytes = _memory(run.model, run.optimizer)
     total_params, trainable_params = run.params
     tokens = config.steps * run.tokens_per_step
     figures = {
@@ -899,17 +973,33 @@ def close(run: Run) -> None:
     run.ddp_model = None
 
 
-def _check_resumable(config: TrainConfig, state: dict, dist_info: Dist) -> None:
+def _check_resumable(config: TrainConfig, state: dict, dist_info: Dist) -> bool:
+    """Refuse a checkpoint this run cannot continue; True when it is a sharded one resharded to this world size."""
     saved = state.get("config", {})
+    saved_world = int(state.get("world_size", 1))
+    resharded = config.fsdp and saved_world != dist_info.world_size
+    # resharded, the per-process batch changes with the world size; the global batch is checked below
+    free = _RESUME_FREE | ({"batch_size"} if resharded else set())
     differing = sorted(name for name, value in asdict(config).items()
-                       if name not in _RESUME_FREE and name in saved and saved[name] != value)
+                       if name not in free and name in saved and saved[name] != value)
     if differing:
         detail = ", ".join(f"{n}: checkpoint {saved[n]!r}, now {getattr(config, n)!r}" for n in differing)
         raise UsageError(f"--resume: the checkpoint in {config.out} was made with other settings ({detail}); "
                          "use the same settings, --overwrite to start again, or another --out")
-    if int(state.get("world_size", 1)) != dist_info.world_size:
+    if resharded:
+        rows = int(saved.get("batch_size", config.batch_size)) * saved_world
+        if config.batch_size * dist_info.world_size != rows:
+            per = f"--batch-size {rows // dist_info.world_size}" if rows % dist_info.world_size == 0 else \
+                f"a number of processes that divides {rows}"
+            raise UsageError(f"--resume: the checkpoint was written by {saved_world} processes of --batch-size "
+                             f"{saved.get('batch_size')} ({rows} rows per micro-batch in all); at "
+                             f"{dist_info.world_size} processes use {per}, so that the run goes on over the same "
+                             "batches")
+    elif saved_world != dist_info.world_size:
         raise UsageError(f"--resume: the checkpoint was written by {state.get('world_size')} processes, "
-                         f"this run has {dist_info.world_size}; resume with the same --nproc_per_node")
+                         f"this run has {dist_info.world_size}; resume with the same --nproc_per_node (or "
+                         "train with --fsdp, whose checkpoints reshard)")
+    return resharded
 
 
 def _log_metrics(path: Path, dist_info: Dist, **record: Any) -> None:

@@ -71,6 +71,9 @@ _HELP = {
     "seed": "seed of the initial weights and the data order",
     "device": "auto, cpu or cuda[:N]",
     "bf16": "bfloat16 autocast",
+    "fsdp": "under torchrun: shard the model with FSDP2 (each decoder layer and the root) instead of DDP; "
+            "checkpoints become DCP folders (OUT/checkpoint-dcp/)",
+    "fsdp_mixed_precision": "with --fsdp: bf16 (compute in bfloat16, reduce gradients in fp32; default: fp32)",
     "progress": "progress bar",
 }
 

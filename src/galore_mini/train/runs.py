@@ -23,6 +23,10 @@ A run folder holds ``metrics.jsonl``, ``checkpoint.pt`` (the newest checkpoint),
   ``checkpoint.prev.pt`` and moves the bad file aside (``checkpoint.pt.corrupt``) so the
   next save cannot rotate it into the fallback slot. With no readable checkpoint it is one
   :class:`~galore_mini.errors.UsageError`, never an unpickler traceback.
+* **Sharded runs** (``--fsdp``) keep DCP folders instead: ``checkpoint-dcp/`` and
+  ``checkpoint-dcp.prev/``, published by :meth:`RunFolder.publish_dcp` (temporary folder, then
+  renames) and picked by :meth:`RunFolder.newest_readable_dcp` with the same fall-back. A folder
+  holding one kind of checkpoint is not resumed as the other: the error names the flag to use.
 
 Example::
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -59,6 +64,9 @@ from galore_mini.errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+DCP_CHECKPOINT = "checkpoint-dcp"  # a sharded (--fsdp) run's checkpoint: a DCP folder plus meta.pt
+DCP_PREVIOUS = "checkpoint-dcp.prev"
+DCP_META = "meta.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
 LOCK = ".lock"
@@ -139,9 +147,22 @@ class RunFolder:
     def lock_path(self) -> Path:
         return self.path / LOCK
 
+    @property
+    def dcp_checkpoint(self) -> Path:
+        return self.path / DCP_CHECKPOINT
+
+    @property
+    def dcp_previous(self) -> Path:
+        return self.path / DCP_PREVIOUS
+
+    def dcp_temporary(self, step: int) -> Path:
+        """The folder a sharded checkpoint is written to before it is published (same name on every rank)."""
+        return self.path / f"{DCP_CHECKPOINT}.tmp-{step}"
+
     def run_files(self) -> list[Path]:
         """The files of a run that this folder holds (an empty metrics log does not count)."""
-        found = [p for p in (self.checkpoint, self.previous, self.final) if p.exists()]
+        found = [p for p in (self.checkpoint, self.previous, self.dcp_checkpoint, self.dcp_previous, self.final)
+                 if p.exists()]
         if self.metrics.exists() and self.metrics.stat().st_size > 0:
             found.append(self.metrics)
         return found
@@ -176,10 +197,11 @@ class RunFolder:
             raise UsageError(f"--out={str(self.path)!r}: cannot create the folder ({exc.strerror or exc})") from None
         self.acquire(log)
         if overwrite:
-            old = self.run_files() + self.temporaries() + [self.path / (CHECKPOINT + ".corrupt")]
+            old = self.run_files() + self.temporaries() + [self.path / (CHECKPOINT + ".corrupt"),
+                                                           self.path / (DCP_CHECKPOINT + ".corrupt")]
             removed = [p.name for p in old if p.exists()]
             for p in old:
-                p.unlink(missing_ok=True)
+                self.clear(p)
             if removed:
                 log(f"--overwrite: deleted the previous run's {', '.join(removed)} in {self.path}")
 
@@ -298,10 +320,80 @@ class RunFolder:
     def remove_temporaries(self, log: Callable[[str], None]) -> None:
         for tmp in self.temporaries():
             log(f"removing {tmp.name}, a checkpoint write that did not finish")
-            tmp.unlink(missing_ok=True)
+            self.clear(tmp)
 
     @staticmethod
-    def _read_checkpoint(path: Path) -> tuple[dict | None, str]:
+    def clear(path: Path) -> None:
+        """Delete a file or a folder (a DCP checkpoint) if it exists."""
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    # -- sharded (DCP) checkpoints -------------------------------------------------------------------
+
+    def publish_dcp(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """Add ``meta.pt`` to the fully written DCP folder `tmp` and make it the newest checkpoint.
+
+        Folders cannot be hard-linked, so the rotation is two renames: ``checkpoint-dcp`` becomes
+        ``checkpoint-dcp.prev`` (the older one deleted first), then `tmp` becomes ``checkpoint-dcp``.
+        A crash between them leaves no ``checkpoint-dcp``, and resume falls back to the previous one;
+        a crash before leaves a ``*.tmp-*`` folder that resume deletes.
+        """
+        atomic_save(meta, tmp / DCP_META)
+        for name in os.listdir(tmp):  # DCP's own files, made durable before the folder is published
+            with contextlib.suppress(OSError):
+                fd = os.open(tmp / name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if self.dcp_checkpoint.exists():
+            self.clear(self.dcp_previous)
+            os.replace(self.dcp_checkpoint, self.dcp_previous)
+        os.replace(tmp, self.dcp_checkpoint)
+        _fsync_dir(self.path)
+
+    @staticmethod
+    def _read_dcp(path: Path) -> tuple[dict | None, str]:
+        """(meta, '') or (None, why the DCP folder `path` cannot be used)."""
+        if not path.exists():
+            return None, "missing"
+        if not (path / ".metadata").is_file():
+            return None, "incomplete (no DCP .metadata)"
+        meta, why = RunFolder._read_checkpoint(path / DCP_META, keys=("format", "step", "scheduler", "data", "rng"))
+        return meta, why
+
+    def newest_readable_dcp(self, log: Callable[[str], None]) -> tuple[Path | None, dict[str, Any] | None]:
+        """(folder, meta) of the sharded checkpoint to resume from, falling back with a message; (None, None)
+        if there is none. A `UsageError` when one exists but none can be read, or the run's checkpoint
+        is a one-process ``checkpoint.pt`` (resume that without ``--fsdp``)."""
+        meta, why = self._read_dcp(self.dcp_checkpoint)
+        if meta is not None:
+            return self.dcp_checkpoint, meta
+        previous, why_previous = self._read_dcp(self.dcp_previous)
+        if why == "missing" and why_previous == "missing":
+            if self.checkpoint.exists() or self.previous.exists():
+                raise UsageError(f"--resume --fsdp: {self.path} holds a checkpoint of an unsharded run "
+                                 f"({CHECKPOINT}); resume it without --fsdp, or start again with --overwrite")
+            return None, None
+        if previous is None:
+            raise UsageError(f"--resume: {self.dcp_checkpoint} is {why} and {self.dcp_previous} is {why_previous}; "
+                             "there is no readable checkpoint to fall back on; start again with --overwrite "
+                             "(or another --out)")
+        if why != "missing":
+            aside = self.path / (DCP_CHECKPOINT + ".corrupt")
+            self.clear(aside)
+            os.replace(self.dcp_checkpoint, aside)
+            log(f"--resume: {self.dcp_checkpoint} is {why}; moved it to {aside.name} and falling back to "
+                f"{DCP_PREVIOUS} (step {previous['step']})")
+        else:
+            log(f"--resume: {self.dcp_checkpoint} is missing; falling back to {DCP_PREVIOUS} "
+                f"(step {previous['step']})")
+        return self.dcp_previous, previous
+
+    @staticmethod
+    def _read_checkpoint(path: Path, keys: tuple[str, ...] = _CHECKPOINT_KEYS) -> tuple[dict | None, str]:
         """(state, '') or (None, why it cannot be used)."""
         if not path.exists():
             return None, "missing"
@@ -314,7 +406,7 @@ class RunFolder:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load raises many types on a damaged file (zip, pickle, EOF, OSError)
             return None, f"unreadable: truncated, damaged or not a checkpoint ({type(exc).__name__}, {size:,} bytes)"
-        if not isinstance(state, dict) or any(key not in state for key in _CHECKPOINT_KEYS):
+        if not isinstance(state, dict) or any(key not in state for key in keys):
             return None, "not a galore-mini checkpoint"
         if state["format"] != CHECKPOINT_FORMAT:
             return None, f"checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT}"
@@ -330,6 +422,10 @@ class RunFolder:
             return CHECKPOINT, state
         previous, why_previous = self._read_checkpoint(self.previous)
         if why == "missing" and why_previous == "missing":
+            if self.dcp_checkpoint.exists() or self.dcp_previous.exists():
+                raise UsageError(f"--resume: {self.path} holds a sharded checkpoint ({DCP_CHECKPOINT}/) of an "
+                                 "--fsdp run; resume it with --fsdp under the same torchrun command, or start "
+                                 "again with --overwrite")
             return None, None
         if previous is None:
             detail = (f"{self.checkpoint} is {why}" if why_previous == "missing"
@@ -345,8 +441,10 @@ class RunFolder:
             log(f"--resume: {self.checkpoint} is missing; falling back to {PREVIOUS} (step {previous['step']})")
         return PREVIOUS, previous
 
-    def load(self, name: str) -> dict[str, Any]:
-        state, why = self._read_checkpoint(self.path / name)
+    def load(self, name: str, sharded: bool = False) -> dict[str, Any]:
+        """The checkpoint `name` (with `sharded`: a DCP folder's ``meta.pt``, named as ``FOLDER/meta.pt``)."""
+        keys = ("format", "step", "scheduler", "data", "rng") if sharded else _CHECKPOINT_KEYS
+        state, why = self._read_checkpoint(self.path / name, keys=keys)
         if state is None:
             raise UsageError(f"--resume: {self.path / name} is {why}")
         return state
