@@ -531,11 +531,11 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
     probes = [(work[i][3], sums[i] if sums[i] is not None else work[i][1]) for i in checked]
     for i, ok in zip(checked, global_finite_flags(probes)):
         flags[i] = ok
-    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item[:3], ok)]
+    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item[0], item[2], ok)]
     ready = [work[i] for i in admitted]
     layouts = [layouts[i] for i in admitted]
     sums = [sums[i] for i in admitted]
-    steps = optimizer._next_steps(ready)
+    steps = optimizer._next_steps([(p, group) for p, _, group, _ in ready])
     if not ready:
         return
     views = [_local_state(optimizer.state[item[0]]) for item in ready]
@@ -574,7 +574,7 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         view["step"] += 1
         side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
         ps = _shard_step_class()(local(p), grad, view, group, t, side, layouts[index], lows.get(index))
-        optimizer._apply(local(p), group, *optimizer._update(ps))
+        optimizer._apply(local(p), group, optimizer._update(ps))
 
 
 _NO_GROUP = ShardSpec(None, (), None, 0, 0, 0)

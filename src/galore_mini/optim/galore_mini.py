@@ -45,7 +45,7 @@ from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
 from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import ComposedOptimizer, ParamStep
+from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
 APPROACHES = (1, 2, 3)
@@ -137,17 +137,17 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
             v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
             m = ps.ema("exp_avg", low, beta1)
             denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
-            return ps.back(m / denom), group["lr"] / bc1 * ps.scale
+            return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         m = ps.ema("exp_avg", ps.project(ps.grad), beta1)
         v_hat_sqrt = v.sqrt() / bc2 ** 0.5
         if approach == 3:
             inverse_denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]).reciprocal_())
-            return ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom
+            return Update(ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom)
         # approach 2: divide in the low-rank space
         layout = ps.layout
         if layout.kind == "axis" and layout.axis == _surviving_axis(ps.side):
             denom = BlockLayout("axis", tuple(m.shape), layout.axis, layout.runs).expand(v_hat_sqrt.add_(group["eps"]))
         else:
             denom = v_hat_sqrt.mean().add_(group["eps"])
-        return ps.back(m / denom), group["lr"] / bc1 * ps.scale
+        return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
