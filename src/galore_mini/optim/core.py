@@ -567,8 +567,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
     def _refresh_due(self, ready: list[WorkItem]) -> None:
         """Refresh, in batches of same-shaped matrices, every projector whose refresh falls on this step.
 
-        One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU the difference is
-        seconds at LLaMA-1B scale); stacks are capped at REFRESH_BATCH_BYTES of gradient.
+        One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU, one sequence of
+        kernel launches per shape instead of per matrix); stacks are capped at REFRESH_BATCH_BYTES of
+        gradient.
         """
         projected = [item for item in ready if "rank" in item.group]
         if not projected:
@@ -582,7 +583,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
             key = (id(item.group), tuple(item.param.shape), side, item.grad.device, item.step > 1)
             buckets.setdefault(key, []).append(item)
         for (_, shape, side, device, had_projector), items in buckets.items():
-            # CPU LAPACK gains nothing from batching (measured: slightly slower), so it stays per matrix there
+            # CPU LAPACK's SVD gains nothing from batching (BENCHMARKS.md, "Batched refresh on the CPU"),
+            # so on the CPU it stays per matrix
             batched = device.type != "cpu" or BATCH_REFRESH_ON_CPU
             per_chunk = max(1, REFRESH_BATCH_BYTES // (4 * math.prod(shape))) if batched else 1
             for start in range(0, len(items), per_chunk):

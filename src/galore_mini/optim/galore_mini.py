@@ -76,8 +76,8 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
     ``torch.compile`` traces into one graph), and the projection options
     of :class:`~galore_mini.GaLoreAdamW` as defaults for groups with ``rank``
     (here ``proj_method`` defaults to ``"power"``; pass ``"svd"`` for the exact
-    reference, and ``proj_dtype="bf16"`` for ~4× faster projections where the
-    hardware has bf16 matrix units). Group keys: ``rank`` (+ projection options), ``block``.
+    reference, and ``proj_dtype="bf16"`` for faster projections where the
+    hardware has bf16 matrix units; timings in BENCHMARKS.md, "Subspace refresh"). Group keys: ``rank`` (+ projection options), ``block``.
     """
 
     uses_blocks = True
@@ -90,9 +90,9 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
                         moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
                         min_8bit_size=min_8bit_size, foreach=foreach, capturable=capturable)
         # No peer to match bit for bit, so the fast refresh is the default: a warm-started subspace
-        # iteration (randomized range finder at the first refresh) costs ~1% of the exact SVD, and over 4
-        # seeds of the pretraining comparison is no worse than it (RESULTS.md). proj_method="svd" gives
-        # the reference.
+        # iteration (randomized range finder at the first refresh) costs a fraction of the exact SVD
+        # (BENCHMARKS.md, "Subspace refresh") and trains no worse than it (RESULTS.md).
+        # proj_method="svd" gives the reference.
         projection_defaults.setdefault("proj_method", "power")
         super().__init__(params, defaults, projection_defaults)
 

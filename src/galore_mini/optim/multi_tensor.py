@@ -1,11 +1,11 @@
 """Multi-tensor steps: Adam-mini and GaLore-mini (approach 3) with block ``v``; GaLore-AdamW.
 
 The single-tensor path (:meth:`ComposedOptimizer._step_param` calling an optimizer's ``_update``) is
-the reference: one small composition per parameter, about 20 device operations each. On a GPU each
-operation is a kernel launch costing several microseconds of host time, so at LLaMA-1B scale (218
-parameters, ~4,300 device operations) the step is most likely bound by the host rather than the
-device (an H100 took 70 ms against fused AdamW's 16 ms, where the arithmetic needs ~10-15 ms). This path computes the same arithmetic with
-``torch._foreach_*`` operations over every parameter of a param group at once, leaving per parameter
+the reference: one small composition per parameter, a couple of dozen device operations each. On a
+GPU each operation is a kernel launch that costs host time whatever the tensor's size, so a model with
+hundreds of parameter tensors can make the step bound by the host rather than the device (counts and
+timings at LLaMA-1B's parameter count: BENCHMARKS.md, "Host cost of a step" and "GPU"). This path
+computes the same arithmetic with ``torch._foreach_*`` operations over every parameter of a param group at once, leaving per parameter
 only what cannot be batched: the per-block norms of the gradient (which double as the step's
 finiteness probe, so the gradient is read once), the projection GEMM and the fused back-projection
 GEMM. The results equal the reference bit for bit in fp32 (tested).
