@@ -492,7 +492,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
             item = WorkItem(p, self._checked_grad(p), group, self._multi_tensor_layout(p, group))
             if item.layout is not None and item.layout.kind != "elementwise":
                 item.norms = item.layout.block_norms(item.grad)
-                if item.norms is None:  # this layout has no norm shortcut: the reference path computes v
+                if item.norms is None:  # blocks that are not a view of the gradient: the reference path
                     item.layout = None
             work.append(item)
         # block norms feeding v are also the finiteness probe, so such a gradient is read once
