@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from galore_mini.optim import multi_tensor
 from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer, ParamStep
+from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer, ParamStep, Update
 
 
 class AdamMini(CapturableMixin, ComposedOptimizer):
@@ -69,5 +69,5 @@ class AdamMini(CapturableMixin, ComposedOptimizer):
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
         inverse_denom = ps.layout.expand((v.sqrt() / bc2 ** 0.5).add_(ps.group["eps"]).reciprocal_())
-        return m, ps.group["lr"] / bc1, inverse_denom
+        return Update(m, ps.group["lr"] / bc1, inverse_denom)
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -142,6 +143,42 @@ def bias_corrections(group: dict, beta1: float, beta2: float, t: int) -> tuple[f
     return 1.0 - beta1 ** t, 1.0 - beta2 ** t
 
 
+class Update(NamedTuple):
+    """What an optimizer's ``_update`` returns: the parameter moves by ``-step_size · direction [· multiplier]``.
+
+    `direction` is full-size, or a :class:`LowRankProduct` for projected weights (fused into one GEMM);
+    `multiplier`, when given, is a small tensor broadcast over blocks (Adam-mini's ``1/(√v+ε)``), so no
+    full-size quotient is ever formed.
+    """
+
+    direction: torch.Tensor | LowRankProduct
+    step_size: float
+    multiplier: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class WorkItem:
+    """One parameter's share of a step, as the step pipeline passes it along.
+
+    `layout` is the parameter's block layout when it takes the multi-tensor path (None: the
+    single-tensor reference path), `norms` its gradient's per-block norms where the layout has blocks
+    (they feed ``v`` and double as the finiteness probe), and `step` the 1-based step number, set once
+    the state's counter has been read.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    group: dict
+    layout: BlockLayout | None = None
+    norms: torch.Tensor | None = None
+    step: int | None = None
+
+    @property
+    def probe(self) -> torch.Tensor:
+        """The tensor whose finiteness decides whether this parameter is updated."""
+        return self.norms if self.norms is not None else self.grad
+
+
 class ParamStep:
     """One parameter's step: the parts an optimizer's ``_update`` composes.
 
@@ -214,10 +251,10 @@ class ParamStep:
 class ComposedOptimizer(torch.optim.Optimizer):
     """Base class: validation, state allocation, projector refresh, step loop, exact resume.
 
-    Subclasses set ``defaults`` and implement ``_state_layout`` and ``_update(ps)``, which returns
-    ``(direction, step_size)`` or ``(direction, step_size, multiplier)``: the parameter moves by
-    ``-step_size · direction [· multiplier]``, the multiplier a small tensor broadcast over blocks
-    (so no full-size quotient is ever formed). ``_update`` is the single-tensor reference; a subclass
+    Subclasses set ``defaults`` and implement ``_state_layout`` and ``_update(ps)``, which returns an
+    :class:`Update`: the parameter moves by ``-step_size · direction [· multiplier]``, the multiplier a
+    small tensor broadcast over blocks (so no full-size quotient is ever formed). ``_update`` is the
+    single-tensor reference; a subclass
     may add a multi-tensor step of the same arithmetic (``_multi_tensor_layout`` and
     ``_multi_tensor_step``, see :mod:`.multi_tensor`), which tests hold to the reference bit for bit.
     """
@@ -450,33 +487,30 @@ class ComposedOptimizer(torch.optim.Optimizer):
             # FSDP2 / DTensor parameters: local shards, explicit small collectives (see .distributed)
             distributed.step_sharded(self, [item for item in items if distributed.is_dtensor(item[0])])
             items = [item for item in items if not distributed.is_dtensor(item[0])]
-        work = []  # (param, grad, group, block layout or None, block norms or None)
+        work = []
         for p, group in items:
-            grad = self._checked_grad(p)
-            layout = self._multi_tensor_layout(p, group)
-            norms = None
-            if layout is not None and layout.kind != "elementwise":
-                norms = layout.block_norms(grad)
-                layout = layout if norms is not None else None
-            work.append((p, grad, group, layout, norms))
+            item = WorkItem(p, self._checked_grad(p), group, self._multi_tensor_layout(p, group))
+            if item.layout is not None and item.layout.kind != "elementwise":
+                item.norms = item.layout.block_norms(item.grad)
+                if item.norms is None:  # blocks that are not a view of the gradient: the reference path
+                    item.layout = None
+            work.append(item)
         # block norms feeding v are also the finiteness probe, so such a gradient is read once
-        checked = [i for i, item in enumerate(work) if item[2].get("nonfinite", "skip") != "off"]
-        flags = [True] * len(work)
-        for i, ok in zip(checked, self._finite_flags([work[i][4] if work[i][4] is not None else work[i][1]
-                                                      for i in checked])):
-            flags[i] = ok
-        ready = [item for item, ok in zip(work, flags) if self._admit(item[:3], ok)]
-        steps = self._next_steps(ready)
-        self._refresh_due(ready, steps)
-        fast, fast_steps = [], []
+        checked = [item for item in work if item.group.get("nonfinite", "skip") != "off"]
+        finite = {id(item): ok for item, ok in zip(checked, self._finite_flags([item.probe for item in checked]))}
+        ready = [item for item in work if self._admit(item.param, item.group, finite.get(id(item), True))]
+        steps = self._next_steps([(item.param, item.group) for item in ready])
         for item, t in zip(ready, steps):
-            if item[3] is None:
-                self._step_param(*item[:3], t)
+            item.step = t
+        self._refresh_due(ready)
+        fast = []
+        for item in ready:
+            if item.layout is None:
+                self._step_param(item.param, item.grad, item.group, item.step)
             else:
                 fast.append(item)
-                fast_steps.append(t)
         if fast:
-            self._multi_tensor_step(fast, fast_steps)
+            self._multi_tensor_step(fast, [item.step for item in fast])
 
     def _multi_tensor_layout(self, p: torch.Tensor, group: dict) -> BlockLayout | None:
         """`p`'s second-moment block layout when it takes this optimizer's multi-tensor path
@@ -484,8 +518,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
         overriding this and :meth:`_multi_tensor_step`."""
         return None
 
-    def _multi_tensor_step(self, items: list[tuple], steps: list[int]) -> None:
-        """Update ``items`` — ``(param, grad, group, layout, block norms)`` — at their steps `steps`."""
+    def _multi_tensor_step(self, items: list[WorkItem], steps: list[int]) -> None:
+        """Update ``items`` (each with a `layout`) at their steps `steps`."""
         raise NotImplementedError
 
     @staticmethod
@@ -507,10 +541,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
                 flags[i] = ok
         return flags
 
-    def _admit(self, item, finite: bool) -> bool:
+    def _admit(self, p: torch.Tensor, group: dict, finite: bool) -> bool:
+        """Whether `p` is updated this step: yes if its gradient is finite, else per `nonfinite`."""
         if finite:
             return True
-        p, _, group = item
         if group.get("nonfinite", "skip") == "raise":
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite gradient for a parameter of shape {list(p.shape)}; "
@@ -519,52 +553,57 @@ class ComposedOptimizer(torch.optim.Optimizer):
         self.nonfinite_skips += 1
         return False
 
-    def _next_steps(self, ready) -> list[int]:
-        """Create missing states and return each parameter's step number for this step (one read)."""
-        for p, _, group, *_ in ready:
+    def _next_steps(self, ready: list[tuple[torch.Tensor, dict]]) -> list[int]:
+        """Create missing states of these ``(param, group)`` and return each parameter's step number for
+        this step (one read)."""
+        for p, group in ready:
             state = self.state[p]
             if not state:
                 self._init_state(p, group, state)
         if not ready:
             return []
-        return [int(t) + 1 for t in torch.stack([self.state[item[0]]["step"] for item in ready]).tolist()]
+        return [int(t) + 1 for t in torch.stack([self.state[p]["step"] for p, _ in ready]).tolist()]
 
-    def _refresh_due(self, ready, steps: list[int]) -> None:
+    def _refresh_due(self, ready: list[WorkItem]) -> None:
         """Refresh, in batches of same-shaped matrices, every projector whose refresh falls on this step.
 
-        One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU the difference is
-        seconds at LLaMA-1B scale); stacks are capped at REFRESH_BATCH_BYTES of gradient.
+        One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU, one sequence of
+        kernel launches per shape instead of per matrix); stacks are capped at REFRESH_BATCH_BYTES of
+        gradient.
         """
-        projected = [(item, t) for item, t in zip(ready, steps) if "rank" in item[2]]
+        projected = [item for item in ready if "rank" in item.group]
         if not projected:
             return
-        due_at = torch.stack([self.state[item[0]]["refresh"] for item, _ in projected])[:, 0].tolist()
-        buckets: dict[tuple, list] = {}
-        for ((p, grad, group, *_), t), due in zip(projected, due_at):
-            if t < due:
+        due_at = torch.stack([self.state[item.param]["refresh"] for item in projected])[:, 0].tolist()
+        buckets: dict[tuple, list[WorkItem]] = {}
+        for item, due in zip(projected, due_at):
+            if item.step < due:
                 continue
-            side = resolve_side(group["proj_type"], p.shape)
-            key = (id(group), tuple(p.shape), side, grad.device, t > 1)
-            buckets.setdefault(key, []).append((p, grad, group, self.state[p], t))
+            side = resolve_side(item.group["proj_type"], item.param.shape)
+            key = (id(item.group), tuple(item.param.shape), side, item.grad.device, item.step > 1)
+            buckets.setdefault(key, []).append(item)
         for (_, shape, side, device, had_projector), items in buckets.items():
-            # CPU LAPACK gains nothing from batching (measured: slightly slower), so it stays per matrix there
+            # CPU LAPACK's SVD gains nothing from batching (BENCHMARKS.md, "Batched refresh on the CPU"),
+            # so on the CPU it stays per matrix
             batched = device.type != "cpu" or BATCH_REFRESH_ON_CPU
             per_chunk = max(1, REFRESH_BATCH_BYTES // (4 * math.prod(shape))) if batched else 1
             for start in range(0, len(items), per_chunk):
                 chunk = items[start:start + per_chunk]
                 if len(chunk) == 1:  # 2-D products (mm) beat a batch of one (bmm copies its operands)
-                    p, grad, group, state, t = chunk[0]
-                    self._refresh(p, grad, group, state, side, t)
+                    item = chunk[0]
+                    self._refresh(item.param, item.grad, item.group, self.state[item.param], side, item.step)
                     continue
-                group = chunk[0][2]
-                old = {key: torch.stack([item[3][key] for item in chunk]) for key in ("projector", "projector_right")
-                       if key in chunk[0][3]} if had_projector else {}
-                new = compute_projector(torch.stack([item[1].float() for item in chunk]), group["rank"], side,
-                                        group["proj_method"], old, [self._generator(item[0], item[4]) for item in chunk],
+                group = chunk[0].group
+                states = [self.state[item.param] for item in chunk]
+                old = {key: torch.stack([state[key] for state in states]) for key in ("projector", "projector_right")
+                       if key in states[0]} if had_projector else {}
+                new = compute_projector(torch.stack([item.grad.float() for item in chunk]), group["rank"], side,
+                                        group["proj_method"], old,
+                                        [self._generator(item.param, item.step) for item in chunk],
                                         _dtype(group["proj_dtype"], "proj_dtype"))
-                for i, (p, _, _, state, t) in enumerate(chunk):
-                    self._install_projector(p, group, state, side, t, {k: v[i] for k, v in new.items()},
-                                            had_projector)
+                for i, (item, state) in enumerate(zip(chunk, states)):
+                    self._install_projector(item.param, group, state, side, item.step,
+                                            {k: v[i] for k, v in new.items()}, had_projector)
 
     def _checked_grad(self, p: torch.Tensor) -> torch.Tensor:
         grad = p.grad
@@ -583,18 +622,18 @@ class ComposedOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
         layout = self._block_layout(p.shape, group) if self.uses_blocks else None
-        self._apply(p, group, *self._update(ParamStep(p, grad, state, group, t, side, layout)))
+        self._apply(p, group, self._update(ParamStep(p, grad, state, group, t, side, layout)))
 
-    def _update(self, ps: ParamStep) -> tuple[torch.Tensor, float]:
+    def _update(self, ps: ParamStep) -> Update:
         raise NotImplementedError
 
     def _decay_rate(self, group) -> float:
         """How much weight decay removes this step (``lr·λ`` unless a subclass scales lr)."""
         return group["lr"] * group.get("weight_decay", 0.0)
 
-    def _apply(self, p: torch.Tensor, group, direction: torch.Tensor | LowRankProduct, step_size: float,
-               multiplier: torch.Tensor | None = None) -> None:
+    def _apply(self, p: torch.Tensor, group, update: Update) -> None:
         """``p ← p - step_size · direction [· multiplier]`` with decoupled weight decay before or after."""
+        direction, step_size, multiplier = update
         decay = self._decay_rate(group)
         # p(1-d) - s·U  or, decaying after the update, (p - s·U)(1-d) = p(1-d) - s(1-d)·U
         keep = 1.0 - decay

@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -507,6 +508,15 @@ def global_finite_flags(probes: list[tuple[ShardSpec, torch.Tensor]]) -> list[bo
     return (torch.cat(reduced) == 0).tolist()
 
 
+class _ShardWork(NamedTuple):
+    """One DTensor parameter's share of a sharded step: `grad` is the local shard of its gradient."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    group: dict
+    spec: ShardSpec
+
+
 def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
     """One update of DTensor parameters (see module docstring); `items` are ``(param, group)``."""
     work = []
@@ -518,7 +528,7 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
             raise UsageError(f"{type(optimizer).__name__}: the gradient of {_describe(p, group, None)} is {found}, "
                              f"but the parameter is sharded {tuple(p.placements)}; FSDP2 hands each rank its "
                              "rows of the reduced gradient — do not replace .grad by hand")
-        work.append((p, local(grad), group, spec))
+        work.append(_ShardWork(p, local(grad), group, spec))
     # block sums of squares of the local rows; they double as the finiteness probe (the gradient is read once)
     layouts, sums = [], []
     for p, g, group, spec in work:
@@ -526,19 +536,19 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         blocked = layout is not None and layout.kind != "elementwise"
         layouts.append(layout)
         sums.append(layout.partial_sums(g) if blocked else None)
-    checked = [i for i, item in enumerate(work) if item[2].get("nonfinite", "skip") != "off"]
+    checked = [i for i, item in enumerate(work) if item.group.get("nonfinite", "skip") != "off"]
     flags = [True] * len(work)
-    probes = [(work[i][3], sums[i] if sums[i] is not None else work[i][1]) for i in checked]
+    probes = [(work[i].spec, sums[i] if sums[i] is not None else work[i].grad) for i in checked]
     for i, ok in zip(checked, global_finite_flags(probes)):
         flags[i] = ok
-    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item[:3], ok)]
+    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item.param, item.group, ok)]
     ready = [work[i] for i in admitted]
     layouts = [layouts[i] for i in admitted]
     sums = [sums[i] for i in admitted]
-    steps = optimizer._next_steps(ready)
+    steps = optimizer._next_steps([(item.param, item.group) for item in ready])
     if not ready:
         return
-    views = [_local_state(optimizer.state[item[0]]) for item in ready]
+    views = [_local_state(optimizer.state[item.param]) for item in ready]
     due_at = [int(view["refresh"][0]) if "refresh" in view else None for view in views]
     for (p, g, group, spec), view, t, due in zip(ready, views, steps, due_at):
         if due is not None and t >= due:
@@ -574,7 +584,7 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         view["step"] += 1
         side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
         ps = _shard_step_class()(local(p), grad, view, group, t, side, layouts[index], lows.get(index))
-        optimizer._apply(local(p), group, *optimizer._update(ps))
+        optimizer._apply(local(p), group, optimizer._update(ps))
 
 
 _NO_GROUP = ShardSpec(None, (), None, 0, 0, 0)

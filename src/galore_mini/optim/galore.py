@@ -37,7 +37,7 @@ import torch
 from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
 from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import ComposedOptimizer, ParamStep
+from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
 
 
 class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
@@ -93,7 +93,7 @@ class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
         v = ps.ema_sq("exp_avg_sq", low, beta2)
         normalized = m / v.sqrt().add_(ps.group["eps"])
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
-        return ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1 * ps.scale
+        return Update(ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1 * ps.scale)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -190,7 +190,7 @@ class GaLoreAdafactor(ComposedOptimizer):
         update.mul_(step_size)
         if group["beta1"] is not None:
             update = ps.ema("exp_avg", update, group["beta1"])
-        return ps.back(update), ps.scale
+        return Update(ps.back(update), ps.scale)
 
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]

@@ -45,7 +45,7 @@ from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
 from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import ComposedOptimizer, ParamStep
+from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
 APPROACHES = (1, 2, 3)
@@ -76,8 +76,8 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
     ``torch.compile`` traces into one graph), and the projection options
     of :class:`~galore_mini.GaLoreAdamW` as defaults for groups with ``rank``
     (here ``proj_method`` defaults to ``"power"``; pass ``"svd"`` for the exact
-    reference, and ``proj_dtype="bf16"`` for ~4× faster projections where the
-    hardware has bf16 matrix units). Group keys: ``rank`` (+ projection options), ``block``.
+    reference, and ``proj_dtype="bf16"`` for faster projections where the
+    hardware has bf16 matrix units; timings in BENCHMARKS.md, "Subspace refresh"). Group keys: ``rank`` (+ projection options), ``block``.
     """
 
     uses_blocks = True
@@ -90,9 +90,9 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
                         moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
                         min_8bit_size=min_8bit_size, foreach=foreach, capturable=capturable)
         # No peer to match bit for bit, so the fast refresh is the default: a warm-started subspace
-        # iteration (randomized range finder at the first refresh) costs ~1% of the exact SVD, and over 4
-        # seeds of the pretraining comparison is no worse than it (RESULTS.md). proj_method="svd" gives
-        # the reference.
+        # iteration (randomized range finder at the first refresh) costs a fraction of the exact SVD
+        # (BENCHMARKS.md, "Subspace refresh") and trains no worse than it (RESULTS.md).
+        # proj_method="svd" gives the reference.
         projection_defaults.setdefault("proj_method", "power")
         super().__init__(params, defaults, projection_defaults)
 
@@ -137,17 +137,17 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
             v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
             m = ps.ema("exp_avg", low, beta1)
             denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
-            return ps.back(m / denom), group["lr"] / bc1 * ps.scale
+            return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         m = ps.ema("exp_avg", ps.project(ps.grad), beta1)
         v_hat_sqrt = v.sqrt() / bc2 ** 0.5
         if approach == 3:
             inverse_denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]).reciprocal_())
-            return ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom
+            return Update(ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom)
         # approach 2: divide in the low-rank space
         layout = ps.layout
         if layout.kind == "axis" and layout.axis == _surviving_axis(ps.side):
             denom = BlockLayout("axis", tuple(m.shape), layout.axis, layout.runs).expand(v_hat_sqrt.add_(group["eps"]))
         else:
             denom = v_hat_sqrt.mean().add_(group["eps"])
-        return ps.back(m / denom), group["lr"] / bc1 * ps.scale
+        return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)

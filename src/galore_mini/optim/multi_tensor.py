@@ -1,11 +1,11 @@
 """Multi-tensor steps: Adam-mini and GaLore-mini (approach 3) with block ``v``; GaLore-AdamW.
 
 The single-tensor path (:meth:`ComposedOptimizer._step_param` calling an optimizer's ``_update``) is
-the reference: one small composition per parameter, about 20 device operations each. On a GPU each
-operation is a kernel launch costing several microseconds of host time, so at LLaMA-1B scale (218
-parameters, ~4,300 device operations) the step is most likely bound by the host rather than the
-device (an H100 took 70 ms against fused AdamW's 16 ms, where the arithmetic needs ~10-15 ms). This path computes the same arithmetic with
-``torch._foreach_*`` operations over every parameter of a param group at once, leaving per parameter
+the reference: one small composition per parameter, a couple of dozen device operations each. On a
+GPU each operation is a kernel launch that costs host time whatever the tensor's size, so a model with
+hundreds of parameter tensors can make the step bound by the host rather than the device (counts and
+timings at LLaMA-1B's parameter count: BENCHMARKS.md, "Host cost of a step" and "GPU"). This path
+computes the same arithmetic with ``torch._foreach_*`` operations over every parameter of a param group at once, leaving per parameter
 only what cannot be batched: the per-block norms of the gradient (which double as the step's
 finiteness probe, so the gradient is read once), the projection GEMM and the fused back-projection
 GEMM. The results equal the reference bit for bit in fp32 (tested).
@@ -30,7 +30,7 @@ import math
 import torch
 
 from galore_mini.optim.blocks import BlockLayout
-from galore_mini.optim.core import bias_corrections
+from galore_mini.optim.core import Update, WorkItem, bias_corrections
 from galore_mini.optim.projection import back_factors, project, resolve_side
 
 
@@ -54,22 +54,23 @@ def elementwise_if_eligible(p: torch.Tensor, group: dict) -> BlockLayout | None:
     return BlockLayout("elementwise", tuple(p.shape)) if _fp32_moments(group) else None
 
 
-def _by_group(items: list[tuple], steps: list[int]) -> list[list[tuple]]:
-    """`items` with their step appended, batched by param group (betas, eps, lr, decay are per group)."""
-    by_group: dict[int, list[tuple]] = {}
+def _by_group(items: list[WorkItem], steps: list[int]) -> list[list[WorkItem]]:
+    """`items`, each given its step, batched by param group (betas, eps, lr, decay are per group)."""
+    by_group: dict[int, list[WorkItem]] = {}
     for item, t in zip(items, steps):
-        by_group.setdefault(id(item[2]), []).append((*item, t))
+        item.step = t
+        by_group.setdefault(id(item.group), []).append(item)
     return list(by_group.values())
 
 
-def _start(optimizer, entries: list[tuple]):
+def _start(optimizer, entries: list[WorkItem]):
     """The entries' states (step counters advanced), projection sides and low-rank gradients."""
-    group = entries[0][2]
-    states = [optimizer.state[p] for p, *_ in entries]
+    group = entries[0].group
+    states = [optimizer.state[e.param] for e in entries]
     torch._foreach_add_([state["step"] for state in states], 1.0)
     projected = "rank" in group
-    sides = [resolve_side(group["proj_type"], p.shape) if projected else None for p, *_ in entries]
-    low = [project(e[1], state, side) if side else e[1] for e, state, side in zip(entries, states, sides)]
+    sides = [resolve_side(group["proj_type"], e.param.shape) if projected else None for e in entries]
+    low = [project(e.grad, state, side) if side else e.grad for e, state, side in zip(entries, states, sides)]
     return states, sides, low
 
 
@@ -78,21 +79,22 @@ def _ema(buffers: list[torch.Tensor], values: list[torch.Tensor], beta: float) -
     torch._foreach_add_(buffers, values, alpha=1.0 - beta)
 
 
-def block_adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
-    """Update every parameter in `items` — ``(param, grad, group, layout, norms)`` — at its step `t`.
-    States must already exist (and projectors be refreshed for this step)."""
+def block_adam_step(optimizer, items: list[WorkItem], steps: list[int]) -> None:
+    """Update every parameter in `items` (each with its block `layout` and gradient block `norms`) at
+    its step in `steps`. States must already exist (and projectors be refreshed for this step)."""
     for entries in _by_group(items, steps):
         _block_group_step(optimizer, entries)
 
 
-def _block_group_step(optimizer, entries: list[tuple]) -> None:
-    group = entries[0][2]
+def _block_group_step(optimizer, entries: list[WorkItem]) -> None:
+    group = entries[0].group
     beta1, beta2 = group["betas"]
     states, sides, low = _start(optimizer, entries)
-    corrections = [bias_corrections(group, beta1, beta2, e[5]) for e in entries]
+    corrections = [bias_corrections(group, beta1, beta2, e.step) for e in entries]
 
-    squares = torch._foreach_mul([e[4] for e in entries], [e[4] for e in entries])
-    torch._foreach_div_(squares, [float(e[3].block_numel()) for e in entries])
+    norms = [e.norms for e in entries]
+    squares = torch._foreach_mul(norms, norms)
+    torch._foreach_div_(squares, [float(e.layout.block_numel()) for e in entries])
     second = [state["exp_avg_sq"] for state in states]
     _ema(second, squares, beta2)
     first = [state["exp_avg"] for state in states]
@@ -105,16 +107,15 @@ def _block_group_step(optimizer, entries: list[tuple]) -> None:
     torch._foreach_reciprocal_(inverse)
 
     scale = group["scale"] if "rank" in group else 1.0
-    for (p, _, _, layout, *_), state, side, m, d, (bc1, _) in zip(entries, states, sides, first, inverse,
-                                                                   corrections):
+    for e, state, side, m, d, (bc1, _) in zip(entries, states, sides, first, inverse, corrections):
         direction = back_factors(m, state, side) if side else m
-        optimizer._apply(p, group, direction, group["lr"] / bc1 * scale, layout.expand(d))
+        optimizer._apply(e.param, group, Update(direction, group["lr"] / bc1 * scale, e.layout.expand(d)))
 
 
-def adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
+def adam_step(optimizer, items: list[WorkItem], steps: list[int]) -> None:
     """GaLore-AdamW's update of every parameter in `items` (norms unused) at its step `t`."""
     for entries in _by_group(items, steps):
-        group = entries[0][2]
+        group = entries[0].group
         beta1, beta2 = group["betas"]
         states, sides, low = _start(optimizer, entries)
         first = [state["exp_avg"] for state in states]
@@ -128,7 +129,7 @@ def adam_step(optimizer, items: list[tuple], steps: list[int]) -> None:
         normalized = torch._foreach_div(first, denominators)
         del denominators
         scale = group["scale"] if "rank" in group else 1.0
-        for (p, *_, t), state, side, n in zip(entries, states, sides, normalized):
-            bc1, bc2 = bias_corrections(group, beta1, beta2, t)
+        for e, state, side, n in zip(entries, states, sides, normalized):
+            bc1, bc2 = bias_corrections(group, beta1, beta2, e.step)
             direction = back_factors(n, state, side) if side else n
-            optimizer._apply(p, group, direction, group["lr"] * math.sqrt(bc2) / bc1 * scale)
+            optimizer._apply(e.param, group, Update(direction, group["lr"] * math.sqrt(bc2) / bc1 * scale))
