@@ -284,8 +284,8 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _storage(param: torch.Tensor) -> tuple | None:
     """Where a tensor's data starts; None where that says nothing (meta tensors, empty or sharded ones)."""
-    if param.device.type == "meta" or param.numel() == 0:
-        return None
+    if param.device.type == "meta" or param.numel() == 0 or hasattr(param, "to_local"):
+        return None  # a DTensor's data_ptr() is 0 for every parameter: it would tie them all together
     try:
         return (param.device, param.data_ptr())
     except (RuntimeError, TypeError, NotImplementedError):  # tensor subclasses without plain storage
