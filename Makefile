@@ -26,11 +26,13 @@ corpus:
 	  echo "installing the default corpus (python3.11-doc)"; \
 	  (apt-get update -qq && apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
 	  (command -v sudo >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq python3.11-doc) >/dev/null 2>&1 || \
-	  echo "warning: could not install python3.11-doc; point --data at any text file or folder"; \
+	  echo "warning: could not install python3.11-doc; the harness falls back to the standard library's sources (--data picks any text)"; \
 	fi
 
+# a rerun resumes runs/demo (finished methods are only scored again); DEMO_FLAGS=--overwrite trains it all again
+DEMO_FLAGS ?= --resume
 demo: venv corpus
-	$(VENV)/bin/galore-mini compare --model tiny --out runs/demo
+	$(VENV)/bin/galore-mini compare --model tiny --out runs/demo $(DEMO_FLAGS)
 
 test: venv corpus
 	$(PY) -m pytest -n 2 -q

@@ -140,6 +140,13 @@ def render(results: Path, commands: list[str]) -> str:
 
         out += ["## Host cost of a step at LLaMA-1B's parameter count", "", _when(launches), "",
                 launches_mod.__doc__.split("\n\n")[1].replace("\n", " "), "", launches_mod.render(launches), ""]
+    ops = _load(results, "train_step_ops")
+    if ops:
+        import train_step_ops
+
+        out += ["## A full training step: operations and bytes (CPU, issue #11)", "", _when(ops), "",
+                train_step_ops.__doc__.split("\n\n")[1].replace("\n", " "), "", train_step_ops.render(ops),
+                train_step_ops.FINDINGS, ""]
     if refresh:
         out += ["## Subspace refresh", "", _when(refresh), "", refresh_mod.render(refresh), ""]
     if quality:
@@ -189,6 +196,8 @@ def main(argv=None) -> None:
     commands = [" ".join([".venv/bin/python", f"bench/{n}.py"] + smoke + _extra(n, args.threads)) for n in SCRIPTS]
     commands.append(" ".join([".venv/bin/python", "bench/run_all.py"] + smoke) + "   # runs the ones above, "
                     "renders this file")
+    commands.append(".venv/bin/python bench/train_step_ops.py --json bench/results/train_step_ops.json   # not run by "
+                    "run_all (~5 min on 2 shared cores)")
     commands.append("PYTHONPATH=src python3 bench/gpu.py --json bench/results/gpu_llama1b.json   # on a CUDA "
                     "machine; then .venv/bin/python bench/run_all.py --render-only")
     Path(args.out).write_text(render(results, commands))

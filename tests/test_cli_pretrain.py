@@ -103,7 +103,29 @@ BAD_INPUT = {
     "rank too large": (["--method", "galore", "--rank", "64"], ["--rank=64 is too large", "below 32"]),
     "rank too large for lora": (["--method", "lora", "--rank", "32"], ["--rank=32 is too large"]),
     "bad config file": (["--config", "{tmp}/bad.toml"], ["unknown setting 'stepz'"]),
+    "binary data": (["--data", "{tmp}/zeros.txt"], ["is binary, not text", "NUL bytes"]),
+    "beta2 of one": (["--beta2", "1.0"], ["--beta2=1.0 must be in [0, 1)"]),
+    "negative beta1": (["--beta1", "-0.1"], ["--beta1=-0.1 must be in [0, 1)"]),
+    "option with a flag of its own": (["--optimizer-options", "scale=abc"],
+                                      ["--optimizer-options: 'scale' has a flag of its own; use --scale"]),
+    "option of the wrong type": (["--optimizer-options", "gap_threshold=abc"],
+                                 ["--optimizer-options: gap_threshold='abc' must be a number"]),
+    "boolean option not a boolean": (["--optimizer-options", "adaptive_gap=maybe"],
+                                     ["adaptive_gap='maybe' must be true or false"]),
+    "eps not a number": (["--optimizer-options", "eps=abc"], ["eps='abc' must be a number"]),
+    "unknown option": (["--optimizer-options", "bogus=1"], ["--optimizer-options='bogus=1'", "bogus"]),
+    "option value the optimizer refuses": (["--optimizer-options", "proj_method=bogus"],
+                                           ["--optimizer-options='proj_method=bogus'", "proj_method"]),
+    "out is a file": (["--out", "{tmp}/afile"], ["is a file, not a folder"]),
+    "resume and overwrite": (["--resume", "--overwrite"], ["contradict each other"]),
+    "negative max skipped steps": (["--max-skipped-steps", "-1"], ["--max-skipped-steps=-1"]),
+    "unknown projection side": (["--proj-type", "diagonal"], ["--proj-type='diagonal'", "reverse_std"]),
 }
+# refused before any data is read or tokenised (the cache stays empty)
+_UP_FRONT = {"zero steps", "unknown method", "beta2 of one", "negative beta1", "option with a flag of its own",
+             "option of the wrong type", "boolean option not a boolean", "eps not a number", "unknown option",
+             "option value the optimizer refuses", "out is a file", "resume and overwrite",
+             "negative max skipped steps", "bad config file", "unknown projection side"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -112,18 +134,35 @@ def test_pretrain_bad_input_is_one_line_and_exit_2(setup, capsys, case):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("na\xefve caf\xe9\n\nsecond paragraph".encode("latin-1"))
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
+    (tmp_path / "zeros.txt").write_bytes(bytes(300_000))
+    (tmp_path / "afile").write_text("not a folder")
     flags, needles = BAD_INPUT[case]
     flags = [f.format(tmp=tmp_path) for f in flags]
     if "--data" not in flags:
         flags = ["--data", str(corpus), *flags]
     code = main(["pretrain", *common, "--steps", "2", "--out", str(tmp_path / "run"), *flags])
     _one_line_error(capsys, code, *needles)
+    if case in _UP_FRONT:
+        assert not (tmp_path / "cache").exists()
 
 
-def test_missing_default_corpus_names_the_package_and_the_flag(tmp_path, capsys, monkeypatch):
+def test_missing_default_corpus_and_stdlib_names_the_package_and_the_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(D, "DEFAULT_CORPUS", str(tmp_path / "python3.11-doc-sources"))
+    monkeypatch.setattr(D, "stdlib_sources", lambda: tmp_path / "no-stdlib")
     code = main(["pretrain", "--steps", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
     _one_line_error(capsys, code, "not installed", "--data", "python3.11-doc")
+
+
+def test_without_the_debian_docs_pretrain_trains_on_the_standard_library(setup, capsys, monkeypatch):
+    from test_data import _fake_stdlib
+
+    tmp_path, _, common = setup
+    monkeypatch.setattr(D, "DEFAULT_CORPUS", str(tmp_path / "python3.11-doc-sources"))
+    stdlib = _fake_stdlib(tmp_path / "stdlib", files=12)
+    monkeypatch.setattr(D, "stdlib_sources", lambda: stdlib)
+    assert main(["pretrain", "--method", "full", "--steps", "2", "--out", str(tmp_path / "run"), *common]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "not installed" in line]
+    assert len(said) == 1 and "standard library's own sources" in said[0] and "12 .py files" in said[0]
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -137,3 +176,16 @@ def test_compare_bad_input_is_one_line_and_exit_2(tmp_path, capsys, flags, needl
                 if "--methods" not in flags else ["compare", "--out", str(tmp_path / "cmp"), *flags])
     _one_line_error(capsys, code, needle)
     assert not Path(tmp_path / "cmp" / "results.json").exists()
+
+
+def test_the_harness_reads_method_names_labels_and_learning_rates_from_the_registry():
+    """No module of the harness keeps a table of method names of its own (the registry is the one table)."""
+    from galore_mini import methods
+    from galore_mini.train import loop, plots
+
+    for module in (loop, pretrain_cli, plots):
+        for name, value in vars(module).items():
+            if isinstance(value, (tuple, list, set, frozenset, dict)) and value is not methods.DEMO_METHODS:
+                assert not {"galore_mini", "adam_mini"} & set(value), f"{module.__name__}.{name} lists methods"
+    assert pretrain_cli.DEMO_METHODS is methods.DEMO_METHODS
+    assert all(plots.label(m) == methods.get(m).label for m in methods.METHODS)

@@ -144,6 +144,11 @@ BAD_SOURCES = {
     "jsonl without text": (lambda p: _write(p / "bad.jsonl", '{"content": "x"}\n'), "no string field 'text'"),
     "folder without text files": (lambda p: (p / "d").mkdir() or p / "d", "holds no .txt or .jsonl"),
     "one document": (lambda p: _write(p / "one.txt", "just one short document"), "at least two documents"),
+    "300 KB of NUL bytes": (lambda p: _write(p / "zeros.txt", bytes(300_000)),
+                            r"is binary, not text \(300,000 NUL bytes of 300,000, the first at offset 0\)"),
+    "a binary file among text files": (lambda p: write_corpus(p / "mixed", docs=3) and
+                                       _write(p / "mixed" / "image.txt", b"GIF89a\x01\x00\x00\x00\xff") and p / "mixed",
+                                       r"image.txt' is binary, not text"),
 }
 
 
@@ -154,9 +159,54 @@ def test_bad_sources_are_usage_errors(tmp_path, case):
         _prepare(make(tmp_path), tmp_path)
 
 
-def test_missing_default_corpus_says_how_to_point_data_elsewhere(tmp_path, monkeypatch):
+def _fake_stdlib(folder, files=8):
+    """A stand-in standard library: a few modules, a test suite and site-packages (which must be left out)."""
+    rng = random.Random(5)
+    for i in range(files):
+        package = folder / ("email" if i % 2 else "") / f"mod{i}.py"
+        package.parent.mkdir(parents=True, exist_ok=True)
+        package.write_text(f'"""Module {i}."""\n\n' + "".join(f"# {document(rng, 2)}" for _ in range(6)))
+    for left_out in ("test/test_mod.py", "site-packages/pkg/x.py", "email/__pycache__/mod1.py"):
+        (folder / left_out).parent.mkdir(parents=True, exist_ok=True)
+        (folder / left_out).write_text("NOT PART OF THE CORPUS\n")
+    (folder / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    return folder
+
+
+def test_missing_default_corpus_falls_back_to_the_standard_library_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "DEFAULT_CORPUS", str(tmp_path / "no-python-docs"))
-    with pytest.raises(UsageError, match="not installed; point --data at a text file"):
+    stdlib = _fake_stdlib(tmp_path / "lib" / "python3.x")
+    monkeypatch.setattr(D, "stdlib_sources", lambda: stdlib)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    said = []
+    prepared = D.prepare_data(None, seq_len=32, vocab_size=300, val_fraction=0.2, val_tokens=256, log=said.append)
+    fallback = [m for m in said if "not installed" in m]
+    assert len(fallback) == 1 and "standard library" in fallback[0] and str(stdlib) in fallback[0]
+    assert "8 .py files" in fallback[0] and "make corpus" in fallback[0]
+    # exactly the eight modules, whole: the test suite, site-packages, caches and non-UTF-8 files left out
+    docs = D.stdlib_documents(stdlib)
+    assert sorted(d.key for d in docs) == sorted(str(p.relative_to(stdlib)) for p in stdlib.rglob("mod*.py")
+                                                 if "__pycache__" not in p.parts)
+    assert all("NOT PART" not in d.text for d in docs)
+    text = prepared.tokenizer.decode(prepared.val[0].tolist())
+    assert "NOT PART" not in text and len(prepared.val) > 0 and prepared.train_rows > 0
+    # the library sits in a writable folder here, as with pyenv or conda: the cache still goes to the user's
+    assert not any(p.name.startswith(".galore") for p in stdlib.rglob("*"))
+    assert prepared.cache_dir.startswith(str(tmp_path / "user-cache" / "galore-mini" / "python-stdlib-"))
+
+
+def test_the_fallback_reads_this_pythons_own_standard_library():
+    docs = D.stdlib_documents()
+    keys = {d.key for d in docs}
+    assert "os.py" in keys and os.path.join("email", "message.py") in keys
+    assert not any(k.split(os.sep)[0] in ("test", "site-packages") for k in keys)
+    assert sum(len(d.text) for d in docs) > 2_000_000  # megabytes of text, like the documented default
+
+
+def test_missing_default_corpus_and_standard_library_says_how_to_point_data_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEFAULT_CORPUS", str(tmp_path / "no-python-docs"))
+    monkeypatch.setattr(D, "stdlib_sources", lambda: tmp_path / "no-stdlib")
+    with pytest.raises(UsageError, match="not installed and the standard library's sources .* point --data at a text"):
         D.prepare_data(None, seq_len=32, cache_dir=str(tmp_path / "cache"))
 
 

@@ -44,10 +44,15 @@ _WORKER = textwrap.dedent("""
     except Killed:
         pass
     resumed = train(replace(base, out=str(tmp / "ddp-run"), resume=True))
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         (tmp / "ddp.json").write_text(json.dumps({{"reference": reference, "resumed": resumed,
                                                    "backend": dist.get_backend()}}))
     dist.destroy_process_group()
+    # what would still run while the interpreter shuts down
+    tasks = Path("/proc/self/task")
+    names = sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.exists() else None
+    (tmp / f"threads{{rank}}.json").write_text(json.dumps(names))
 """)
 
 
@@ -63,6 +68,11 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_exactly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    # destroy_process_group really ends gloo: no worker or socket thread is left to outlive the interpreter
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        assert threads is None or not [t for t in threads if "gloo" in t], threads
     report = json.loads((tmp_path / "ddp.json").read_text())
     assert report["backend"] == "gloo"
     ref, resumed = report["reference"], report["resumed"]

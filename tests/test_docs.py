@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 MODULES = ["galore_mini.optim.blocks", "galore_mini.optim.quant", "galore_mini.optim.galore",
-           "galore_mini.optim.adam_mini", "galore_mini.optim.galore_mini", "galore_mini.optim.groups"]
+           "galore_mini.optim.adam_mini", "galore_mini.optim.galore_mini", "galore_mini.optim.groups",
+           "galore_mini.optim.capturable"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -82,7 +82,7 @@ Optimizer-state parts: ``projectors`` (``projector``, ``projector_right``),
 ``first_moments`` (``exp_avg``), ``second_moments`` (element-wise or factored
 ``exp_avg_sq*``), ``block_scalars`` (``exp_avg_sq`` with fewer entries than the
 first moment: Adam-mini's one-per-block ``v``), ``quant_scales`` (``*_absmax``),
-``bookkeeping`` (``step``, ``refresh``, ``similarity``).
+``bookkeeping`` (``step``, ``host_step``, ``refresh``, ``similarity``).
 
 Limits: named sizes, JSON paths, dicts and config objects are built with ``transformers``
 (Llama by default, any ``model_type`` it knows); a live module is copied to the meta device (its

@@ -67,7 +67,7 @@ def gradient_bytes(model: nn.Module) -> int:
 
 def part_of(key: str, numel: int, state_numels: dict[str, int]) -> str:
     """The part one state tensor of a parameter belongs to, given the entries of that parameter's others."""
-    if key in ("step", "refresh", "similarity"):
+    if key in ("step", "host_step", "refresh", "similarity"):
         return "bookkeeping"
     if key.startswith("projector"):
         return "projectors"

@@ -28,21 +28,23 @@ Example::
 from __future__ import annotations
 
 from galore_mini.optim import multi_tensor
+from galore_mini.optim.capturable import CapturableMixin
 from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer, ParamStep
 
 
-class AdamMini(ComposedOptimizer):
+class AdamMini(CapturableMixin, ComposedOptimizer):
     """Adam-mini (see module docstring). Args: ``lr``, ``betas``, ``eps``, ``weight_decay``
     (decoupled, before the update), ``nonfinite``, ``state_dtype``, ``foreach`` (``False`` forces the
-    single-tensor reference path instead of :mod:`galore_mini.optim.multi_tensor`); group key ``block``."""
+    single-tensor reference path instead of :mod:`galore_mini.optim.multi_tensor`), ``capturable`` (the
+    sync-free step of :mod:`galore_mini.optim.capturable`); group key ``block``."""
 
     uses_blocks = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, nonfinite: str = "skip", state_dtype=None,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, capturable: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        nonfinite=nonfinite, state_dtype=state_dtype, foreach=foreach)
+                        nonfinite=nonfinite, state_dtype=state_dtype, foreach=foreach, capturable=capturable)
         super().__init__(params, defaults)
 
     def _allowed_keys(self):

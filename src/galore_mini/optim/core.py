@@ -605,12 +605,21 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if _fused_low_rank_update(p, direction, keep, alpha):
                 return
             direction = direction.materialize()
-        elif multiplier is not None:
-            direction = direction * multiplier
+            multiplier = None
+        if p.dtype != torch.float32 and not decay:
+            # one fp32 temporary read from the low-precision weight, rounded once back into it (not an
+            # fp32 copy of the weight plus a scaled copy of the direction)
+            target = (torch.addcmul(p, direction, multiplier, value=alpha) if multiplier is not None
+                      else torch.add(p, direction, alpha=alpha))
+            p.copy_(target)
+            return
         target = p if p.dtype == torch.float32 else p.float()
         if decay:
             target.mul_(keep)
-        target.add_(direction, alpha=alpha)
+        if multiplier is not None:
+            target.addcmul_(direction, multiplier, value=alpha)
+        else:
+            target.add_(direction, alpha=alpha)
         if target is not p:
             p.copy_(target)
 

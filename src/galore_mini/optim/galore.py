@@ -36,17 +36,19 @@ import torch
 
 from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
+from galore_mini.optim.capturable import CapturableMixin
 from galore_mini.optim.core import ComposedOptimizer, ParamStep
 
 
-class GaLoreAdamW(ComposedOptimizer):
+class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
     """AdamW on GaLore-projected gradients (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps`` (added to √V before bias correction),
     ``weight_decay`` (decoupled, applied after the update), ``correct_bias``,
     ``nonfinite`` (``"skip"``, ``"raise"`` or ``"off"``), ``state_dtype`` (moments' dtype,
     fp32 by default), ``foreach`` (``False``: the single-tensor reference path instead of the
-    multi-tensor step). Per-group projection options: ``rank``,
+    multi-tensor step), ``capturable`` (the sync-free step of :mod:`galore_mini.optim.capturable`; not
+    for the 8-bit subclass). Per-group projection options: ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``, ``proj_method``,
     ``moment_policy``, ``adaptive_gap`` (+ ``gap_threshold``, ``gap_growth``,
     ``gap_window``, ``max_gap``), ``proj_dtype``.
@@ -54,14 +56,20 @@ class GaLoreAdamW(ComposedOptimizer):
 
     decay_after_update = True
     moment_bits = 32
+    capturable_kind = "adam"
     _extra_defaults: dict = {}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True, *, nonfinite: str = "skip",
-                 state_dtype=None, foreach: bool | None = None, **projection_defaults):
+                 state_dtype=None, foreach: bool | None = None, capturable: bool = False,
+                 **projection_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, nonfinite=nonfinite, state_dtype=state_dtype, foreach=foreach)
         defaults.update(self._extra_defaults)
+        if self.moment_bits == 32:
+            defaults["capturable"] = capturable
+        elif capturable:
+            raise UsageError(f"{type(self).__name__}: capturable=True does not support 8-bit moments")
         super().__init__(params, defaults, projection_defaults)
 
     def _state_layout(self, shape, work_shape, group):

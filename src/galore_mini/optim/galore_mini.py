@@ -44,6 +44,7 @@ from __future__ import annotations
 from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
 from galore_mini.optim.blocks import BlockLayout
+from galore_mini.optim.capturable import CapturableMixin
 from galore_mini.optim.core import ComposedOptimizer, ParamStep
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
@@ -64,14 +65,15 @@ def low_rank_blocks(layout: BlockLayout, side: str, low_shape: tuple[int, int]) 
     return BlockLayout("axis", low_shape, layout.axis, ((low_shape[layout.axis], 1),))
 
 
-class GaLoreMini(ComposedOptimizer):
+class GaLoreMini(CapturableMixin, ComposedOptimizer):
     """GaLore-mini (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
     ``approach`` (3, or the ablations 1 and 2), ``moment_bits`` (32 or 8 for the
     first moment), ``nonfinite``, ``state_dtype``, ``foreach`` (``None``/``True``: the multi-tensor
     step of :mod:`galore_mini.optim.multi_tensor` wherever it applies; ``False``: the single-tensor
-    reference path), and the projection options
+    reference path), ``capturable`` (the sync-free step of :mod:`galore_mini.optim.capturable`, which
+    ``torch.compile`` traces into one graph), and the projection options
     of :class:`~galore_mini.GaLoreAdamW` as defaults for groups with ``rank``
     (here ``proj_method`` defaults to ``"power"``; pass ``"svd"`` for the exact
     reference, and ``proj_dtype="bf16"`` for ~4× faster projections where the
@@ -83,10 +85,10 @@ class GaLoreMini(ComposedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
                  nonfinite: str = "skip", state_dtype=None, min_8bit_size: int = 4096, foreach: bool | None = None,
-                 **projection_defaults):
+                 capturable: bool = False, **projection_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, approach=approach,
                         moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
-                        min_8bit_size=min_8bit_size, foreach=foreach)
+                        min_8bit_size=min_8bit_size, foreach=foreach, capturable=capturable)
         # No peer to match bit for bit, so the fast refresh is the default: a warm-started subspace
         # iteration (randomized range finder at the first refresh) costs ~1% of the exact SVD, and over 4
         # seeds of the pretraining comparison is no worse than it (RESULTS.md). proj_method="svd" gives

@@ -3,7 +3,13 @@
 Sources (``--data``):
 
 * nothing: the default corpus, the Python documentation sources that Debian's
-  ``python3.11-doc`` installs (``/usr/share/doc/python3.11/html/_sources``, ~11 MB of reST);
+  ``python3.11-doc`` installs (``/usr/share/doc/python3.11/html/_sources``, ~11 MB of reST).
+  Where that package is missing (any non-Debian machine, a pip install), the fallback is text
+  every Python installation has: the standard library's own ``.py`` files
+  (``sysconfig.get_paths()["stdlib"]``), each file one document, whole (code, docstrings and
+  comments), without its test suites (``test``, ``tests``, ``idle_test``), ``site-packages`` and
+  ``__pycache__`` (~12 MB for CPython 3.11). One line says so; the figures then differ from the
+  documented ones, since the text (and its size, with the Python version) differs;
 * a folder: every ``.txt`` file below it is one document, every line of a ``.jsonl`` file
   (``{"text": ...}``) is one document (hidden folders, e.g. our own cache, are skipped);
 * a text file: cut into documents at blank lines, consecutive paragraphs joined until a
@@ -82,6 +88,11 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"--data: cannot read {str(path)!r} ({exc.strerror or exc})") from None
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8 may hold NULs, but no text does: this is binary (or UTF-16/32 text)
+        raise UsageError(f"--data: {str(path)!r} is binary, not text ({data.count(0):,} NUL bytes of {len(data):,}, "
+                         f"the first at offset {nul}); give UTF-8 text (UTF-16 text: convert it with "
+                         "`iconv -f utf-16 -t utf-8`)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -146,6 +157,53 @@ def read_documents(source: str | os.PathLike) -> list[Document]:
     if not docs:
         raise UsageError(f"--data: the files under {str(path)!r} contain no text")
     return docs
+
+
+def stdlib_sources() -> Path:
+    """Where this Python's standard library lives (the fallback corpus)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_documents(root: Path | None = None) -> list[Document]:
+    """The fallback corpus: every ``.py`` file of the standard library (tests and site-packages aside), one
+    document each, in path order; files that are not UTF-8 are left out."""
+    root = stdlib_sources() if root is None else root
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _STDLIB_SKIP]  # never walk into them
+        paths.extend(Path(folder) / f for f in files if f.endswith(".py"))
+    docs = []
+    for path in sorted(paths, key=lambda p: p.relative_to(root).parts):
+        if path.is_file():
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text.strip() and "\0" not in text:
+                docs.append(Document(str(path.relative_to(root)), text))
+    return docs
+
+
+def _default_documents(log: Callable[[str], None]) -> tuple[list[Document], str, Path | None]:
+    """(documents, source label, cache root) of the default corpus, or of its fallback (saying so)."""
+    if Path(DEFAULT_CORPUS).exists():
+        return read_documents(DEFAULT_CORPUS), DEFAULT_CORPUS, None
+    root = stdlib_sources()
+    docs = stdlib_documents(root)
+    if len(docs) < 2:
+        raise UsageError(f"the default corpus {DEFAULT_CORPUS} is not installed and the standard library's sources "
+                         f"({root}) are not there to fall back on; {_missing_corpus_hint()}")
+    size = sum(len(d.text.encode("utf-8")) for d in docs)
+    log(f"the default corpus {DEFAULT_CORPUS} (Debian's python3.11-doc) is not installed; training on the Python "
+        f"standard library's own sources instead ({root}: {len(docs)} .py files, {size / 1e6:.1f} MB); "
+        "`make corpus` installs the default, --data takes any text")
+    # the standard library may sit in a writable folder (pyenv, conda): never put our cache inside it
+    return docs, f"{root} (.py sources)", default_cache_root(None)
 
 
 def _content_hash(text: str) -> str:
@@ -453,15 +511,23 @@ def prepare_data(data: str | None = None, *, seq_len: int, vocab_size: int = 819
     if data is not None and str(data).lower() == "c4":
         return _prepare_c4(seq_len=seq_len, vocab_size=vocab_size, tokenizer=tokenizer, val_tokens=val_tokens,
                            cache_dir=cache_dir, is_main=is_main, barrier=barrier, load_dataset=load_dataset, log=log)
-    source = DEFAULT_CORPUS if data is None else str(data)
-    docs = read_documents(source)
+    if data is None:
+        docs, source, root = _default_documents(log)
+        name = Path(source).name if source == DEFAULT_CORPUS else "python-stdlib"
+    else:
+        source, root = str(data), None
+        docs = read_documents(source)
+        name = Path(source).name or "data"
     train_docs, val_docs = split_documents(docs, val_fraction)
     key = _fingerprint([f"format={CACHE_FORMAT}", f"vocab={vocab_size}", f"val_fraction={val_fraction!r}",
                         f"tokenizer={tokenizer or 'bpe'}"]
                        + [f"{'v' if i < len(val_docs) else 't'}{_content_hash(d.text)}"
                           for i, d in enumerate(val_docs + train_docs)])
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_root(Path(source).expanduser())
-    folder = root / f"{Path(source).name or 'data'}-{key[:16]}"
+    if cache_dir:
+        root = Path(cache_dir).expanduser()
+    elif root is None:
+        root = default_cache_root(Path(source).expanduser())
+    folder = root / f"{name}-{key[:16]}"
     ready = folder / "meta.json"
     if is_main and not ready.exists():
         log(f"tokenizing {len(docs)} documents from {source} (cache: {folder})")

@@ -10,15 +10,13 @@ import math
 from typing import Any, Iterable
 
 MIB = 2 ** 20
-LABELS = {"full": "Full (AdamW)", "adam_mini": "Adam-mini", "galore": "GaLore", "galore_mini": "GaLore-mini",
-          "galore_mini_a1": "GaLore-mini (approach 1)", "galore_mini_a2": "GaLore-mini (approach 2)",
-          "galore_adafactor": "GaLore-Adafactor", "galore_8bit": "8-bit GaLore",
-          "galore_mini_8bit": "8-bit GaLore-mini", "low_rank": "Low-Rank", "lora": "LoRA", "relora": "ReLoRA"}
 
 
 def label(method: str) -> str:
-    """The name the paper's tables use for `method`."""
-    return LABELS.get(method, method)
+    """The name the paper's tables use for `method` (from :mod:`galore_mini.methods`)."""
+    from galore_mini.methods import label as registry_label
+
+    return registry_label(method)
 
 
 def _pyplot():

@@ -21,16 +21,18 @@ import sys
 import time
 from typing import Any
 
+from galore_mini import methods as registry
 from galore_mini.errors import UsageError
+from galore_mini.methods import DEMO_METHODS
 
-DEMO_METHODS = ("full", "adam_mini", "galore", "galore_mini", "low_rank", "lora", "relora")
 DEMO_STEPS = 300
 
 _HELP = {
     "model": "named size (tiny, llama_20m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b) or a JSON "
              "LlamaConfig path",
     "method": "optimizer or baseline (see docs/pretraining.md)",
-    "data": "text file, folder of .txt/.jsonl, or 'c4' (default: the Python docs from python3.11-doc)",
+    "data": "text file, folder of .txt/.jsonl, or 'c4' (default: the Python docs from python3.11-doc, else the "
+            "standard library's sources)",
     "tokenizer": "pretrained tokenizer (tokenizer.json, folder or hub name); default: BPE trained on the data",
     "vocab_size": "vocabulary of the trained BPE",
     "seq_len": "tokens per row",
@@ -47,6 +49,8 @@ _HELP = {
     "beta1": "Adam beta1",
     "beta2": "Adam beta2",
     "grad_clip": "clip the global gradient norm to this (0: off)",
+    "max_skipped_steps": "stop as diverged after this many consecutive steps whose every update was skipped for "
+                         "non-finite gradients (0: never)",
     "rank": "GaLore / low-rank / LoRA rank (default: per model size, 32 for tiny)",
     "update_proj_gap": "GaLore subspace refresh interval T",
     "scale": "GaLore scale alpha",
@@ -62,7 +66,8 @@ _HELP = {
     "log_every": "write a metrics line every N steps",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "out": "run folder: metrics.jsonl, checkpoint.pt, final.json",
-    "resume": "continue from OUT/checkpoint.pt",
+    "resume": "continue from OUT/checkpoint.pt (or checkpoint.prev.pt when the newest is unreadable)",
+    "overwrite": "delete the run already in OUT and start again (without it, an OUT holding a run is refused)",
     "seed": "seed of the initial weights and the data order",
     "device": "auto, cpu or cuda[:N]",
     "bf16": "bfloat16 autocast",
@@ -122,27 +127,22 @@ def _given(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from galore_mini.train.loop import load_config_file, make_config, train
+    from galore_mini.train.loop import leave_distributed, load_config_file, make_config, train
 
     file_values = load_config_file(args.config) if args.config else {}
     config = make_config(file_values, **_given(args, set()))
+    clean = False
     try:
         result = train(config)
+        clean = True
     finally:
-        _leave_process_group()
+        leave_distributed(clean)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{config.method}: val loss {result['val_loss']:.4f}, val ppl {result['val_ppl']:.2f}, "
               f"{result['tokens']:,} tokens at {result['tokens_per_s']:,.0f} tokens/s; "
               f"weights {result['weights_bytes'] / 2**20:.2f} MiB, optimizer state "
               f"{result['optimizer_bytes'] / 2**20:.2f} MiB -> {config.out}")
     return 0
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def parse_lr(text: str | None, methods: list[str]) -> dict[str, float]:
@@ -166,14 +166,12 @@ def parse_lr(text: str | None, methods: list[str]) -> dict[str, float]:
 
 
 def parse_methods(text: str) -> list[str]:
-    from galore_mini.train.loop import METHODS
-
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise UsageError("--methods: name at least one method")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in registry.REGISTRY]
     if unknown:
-        raise UsageError(f"--methods: unknown method {unknown[0]!r}; use some of {', '.join(METHODS)}")
+        raise UsageError(f"--methods: unknown method {unknown[0]!r}; use some of {', '.join(registry.METHODS)}")
     if len(set(methods)) != len(methods):
         raise UsageError("--methods: a method is named twice")
     return methods
@@ -181,10 +179,8 @@ def parse_methods(text: str) -> list[str]:
 
 def _for_method(settings: dict[str, Any], method: str) -> dict[str, Any]:
     """Shared settings for one method; optimizer options reach only the methods that have an optimizer of ours."""
-    from galore_mini.train.baselines import ADAPTER_METHODS
-
     out = dict(settings, method=method)
-    if method in ADAPTER_METHODS:
+    if registry.get(method).kind == "adapter":
         out.pop("optimizer_options", None)
     return out
 
@@ -209,6 +205,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                    lr=lrs.get(method))
                for method in methods}
     base = configs[methods[0]]
+    _check_compare_out(args.out, configs)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     data = prepare_data(base.data, seq_len=base.seq_len, vocab_size=base.vocab_size, tokenizer=base.tokenizer,
@@ -232,6 +229,18 @@ def run_compare(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"\n{len(methods)} methods in {wall / 60:.1f} min; results in {args.out}/results.md, loss.png, memory.png")
     return 0
+
+
+def _check_compare_out(out: str, configs: dict[str, Any]) -> None:
+    """Refuse, before any data is read, an --out that is a file or holds runs that would be clobbered."""
+    from galore_mini.train.runs import RunFolder
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out={out!r} is a file, not a folder; name a folder for the comparison")
+    held = [m for m, c in configs.items() if not (c.resume or c.overwrite) and RunFolder(c.out).run_files()]
+    if held:
+        raise UsageError(f"--out={out!r} already holds runs of {', '.join(held)}; add --resume to continue them "
+                         "(finished ones are only scored again), --overwrite to start again, or choose another --out")
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
