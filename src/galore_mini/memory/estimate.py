@@ -395,8 +395,18 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     projected methods) and are ignored for the others, so one call pattern serves every method;
     `min_8bit_size` (None: the optimizer's default) goes to the optimizer as given. `batch_size` and
     `seq_len` together add activations. `bucket_bytes` (with `layerwise`): the layer-wise bucket size;
-    None means :func:`galore_mini.layerwise`'s default for this method. Bad input raises
-    :class:`~galore_mini.errors.UsageError`.
+    None means :func:`galore_mini.layerwise`'s default for this method. `world_size` N > 1: the bytes one
+    rank holds under FSDP2 (``fully_shard``), for rank 0, which holds the most (⌈m/N⌉ rows of every
+    weight); state laid out by W's rows (:func:`galore_mini.optim.distributed.sharded_keys`) counts
+    that rank's rows, the rest counts whole; ``rank_bytes`` lists every rank. Methods the sharded step
+    refuses (8-bit, Adafactor, approaches 1/2), the adapter baselines and ``layerwise`` raise. Bad input
+    raises :class:`~galore_mini.errors.UsageError`.
+
+    Example::
+
+        >>> e = estimate("llama_7b", "galore_mini", rank=1024, dtype="bf16", world_size=8)
+        >>> e.reported_rank, e.optimizer_bytes
+        (0, 5492121488)
     """
     import galore_mini as gm
 
