@@ -522,6 +522,9 @@ def test_cli_plot(tmp_path, capsys):
     (["--dtype", "int8"], "dtype='int8' is unknown"),
     (["--model", "llama_7b", "--measure"], "--measure: llama_7b needs about"),
     (["--model", "/nonexistent/config.json"], "no such config file"),
+    (["--world-size", "0"], "--world-size=0 must be a positive integer"),
+    (["--model", "tiny", "--world-size", "2", "--measure"], "--measure takes one step in one process"),
+    (["--model", "tiny", "--method", "galore_mini_8bit", "--world-size", "2"], "method='galore_mini_8bit'"),
 ])
 def test_cli_bad_input_is_one_clear_line(capsys, argv, message):
     assert cli.main(["memory", *argv]) == 2
@@ -711,3 +714,14 @@ def test_fsdp_unsupported_methods_are_named(method, needle):
         estimate("tiny", "galore_mini", world_size=2, layerwise=True)
     with pytest.raises(gm.UsageError, match="world_size"):
         estimate("tiny", "galore_mini", world_size=0)
+
+
+def test_cli_world_size(capsys):
+    assert cli.main(["memory", "--model", "tiny", "--methods", "full,galore_mini", "--world-size", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["estimates"]
+    for got, method in zip(out, ("full", "galore_mini")):
+        expected = estimate("tiny", method, dtype="bf16", world_size=3)
+        assert got["world_size"] == 3 and got["reported_rank"] == 0 and len(got["rank_bytes"]) == 3
+        assert got["rank_bytes"] == expected.rank_bytes and got["optimizer_bytes"] == expected.optimizer_bytes
+    assert cli.main(["memory", "--model", "tiny", "--world-size", "3"]) == 0
+    assert "FSDP2 at 3 ranks: bytes per rank, rank 0 (the rank that holds the most" in capsys.readouterr().out
