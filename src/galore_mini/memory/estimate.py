@@ -422,6 +422,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
         _positive_int(min_8bit_size, "min_8bit_size")
     gap_window = _positive_int(gap_window, "gap_window")
     world_size = _positive_int(world_size, "world_size")
+    if world_size > 1:
+        _check_fsdp(method, entry, layerwise)
     if (batch_size is None) != (seq_len is None):
         raise UsageError("activations need both batch_size and seq_len (or neither)")
     if batch_size is not None:
@@ -467,7 +469,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     params = unique_parameters(model)
     trainable = [p for p in params if p.requires_grad]
     if world_size > 1:
-        _check_fsdp(method, entry, optimizer, layerwise)
+        _check_fsdp_optimizer(method, optimizer)
     # each rank's figures; rank 0 holds the most (⌈m/N⌉ rows of every weight), and is the one reported
     ranks = [_rank_figures(optimizer, layouts, params, trainable, names, roles, world_size, r)
              for r in range(world_size)]
@@ -505,10 +507,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     )
 
 
-def _check_fsdp(method: str, entry, optimizer, layerwise: bool) -> None:
+def _check_fsdp(method: str, entry, layerwise: bool) -> None:
     """What the FSDP2 estimate cannot count: refuse it, naming the method and what to do."""
-    from galore_mini.optim.distributed import unsupported_reason
-
     if entry.kind == "adapter":
         raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines (low_rank, lora, relora) are "
                          "not run under FSDP2 here, so there is no per-rank figure to give; estimate them with "
@@ -517,6 +517,12 @@ def _check_fsdp(method: str, entry, optimizer, layerwise: bool) -> None:
         raise UsageError("world_size > 1 with layerwise=True: under FSDP2 the gradients held at once depend on "
                          "FSDP2's unsharded gradient buffers before each reduce-scatter, which the estimator does "
                          "not model; drop layerwise (or use world_size=1)")
+
+
+def _check_fsdp_optimizer(method: str, optimizer) -> None:
+    """The sharded step's own refusals (read from its optimizer and groups, not from a list of methods)."""
+    from galore_mini.optim.distributed import unsupported_reason
+
     for group in optimizer.param_groups:
         why = unsupported_reason(optimizer, group)
         if why:
