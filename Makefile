@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DOCS_SOURCES := /usr/share/doc/python3.11/html/_sources
 
-.PHONY: demo test venv corpus bench clean
+.PHONY: demo test venv corpus bench clean finetune-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ corpus:
 DEMO_FLAGS ?= --resume
 demo: venv corpus
 	$(VENV)/bin/galore-mini compare --model tiny --out runs/demo $(DEMO_FLAGS)
+
+# fine-tuning demo: pretrain tiny (or reuse runs/finetune-demo/pretrain), then five methods x 3 seeds on the
+# Debian package-section task built from apt's package lists (`apt-get update` once if apt knows no packages)
+finetune-demo: venv corpus
+	$(VENV)/bin/galore-mini finetune --out runs/finetune-demo
 
 test: venv corpus
 	$(PY) -m pytest -n 2 -q

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain_cli.register(sub)
     memory.register(sub)
+    from galore_mini.train import finetune_cli
+    finetune_cli.register(sub)
     return parser
 
 

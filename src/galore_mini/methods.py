@@ -38,6 +38,8 @@ class Method:
     projected: bool = False  # GaLore low-rank projection of the selected 2-D weights
     blocked: bool = False  # Adam-mini block second moments (groups carry `block`)
     default_lr: float = 1e-2
+    #: peak LR for `galore-mini finetune` (None: the method has no fine-tuning recipe there); see docs/finetuning.md
+    finetune_lr: float | None = None
     eps: float | None = 1e-8  # the optimizer's eps default (None: the optimizer's own)
     #: fixed constructor options (e.g. the ablation's approach, 8-bit moments)
     options: dict[str, Any] = field(default_factory=dict)
@@ -53,10 +55,13 @@ class Method:
 _METHODS = (
     # The GaLore family keeps the paper's 1e-2 (scale 0.25); the others are the best of a sweep over
     # {1e-3, 3e-3, 1e-2} on `tiny` (300 steps, default corpus), see docs/pretraining.md.
-    Method("full", "Full (AdamW)", "AdamW", "optimizer", "AdamW", default_lr=3e-3, state_dtype_option=False),
-    Method("adam_mini", "Adam-mini", "Adam-mini", "optimizer", "AdamMini", blocked=True, default_lr=1e-3),
-    Method("galore", "GaLore", "GaLore", "optimizer", "GaLoreAdamW", projected=True, eps=1e-6),
-    Method("galore_mini", "GaLore-mini", "GaLore-mini", "optimizer", "GaLoreMini", projected=True, blocked=True),
+    Method("full", "Full (AdamW)", "AdamW", "optimizer", "AdamW", default_lr=3e-3, state_dtype_option=False,
+           finetune_lr=1e-3),
+    Method("adam_mini", "Adam-mini", "Adam-mini", "optimizer", "AdamMini", blocked=True, default_lr=1e-3,
+           finetune_lr=1e-3),
+    Method("galore", "GaLore", "GaLore", "optimizer", "GaLoreAdamW", projected=True, eps=1e-6, finetune_lr=1e-3),
+    Method("galore_mini", "GaLore-mini", "GaLore-mini", "optimizer", "GaLoreMini", projected=True, blocked=True,
+           finetune_lr=1e-3),
     Method("galore_mini_a1", "GaLore-mini (approach 1)", "GaLore-mini a1", "optimizer", "GaLoreMini",
            projected=True, blocked=True, options={"approach": 1}),
     Method("galore_mini_a2", "GaLore-mini (approach 2)", "GaLore-mini a2", "optimizer", "GaLoreMini",
@@ -68,7 +73,8 @@ _METHODS = (
     Method("galore_mini_8bit", "8-bit GaLore-mini", "8-bit GaLore-mini", "optimizer", "GaLoreMini", projected=True,
            blocked=True, options={"moment_bits": 8}),
     Method("low_rank", "Low-Rank", "Low-Rank", "adapter", "AdamW", default_lr=1e-3, state_dtype_option=False),
-    Method("lora", "LoRA", "LoRA", "adapter", "AdamW", default_lr=3e-3, state_dtype_option=False),
+    Method("lora", "LoRA", "LoRA", "adapter", "AdamW", default_lr=3e-3, state_dtype_option=False,
+           finetune_lr=3e-3),
     Method("relora", "ReLoRA", "ReLoRA", "adapter", "AdamW", default_lr=1e-3, state_dtype_option=False),
 )
 

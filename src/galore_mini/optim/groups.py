@@ -85,6 +85,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
@@ -284,8 +285,15 @@ def repeated_blocks(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 def _storage(param: torch.Tensor) -> tuple | None:
     """Where a tensor's data starts; None where that says nothing (meta tensors, empty or sharded ones)."""
-    if param.device.type == "meta" or param.numel() == 0 or hasattr(param, "to_local"):
-        return None  # a DTensor's data_ptr() is 0 for every parameter: it would tie them all together
+    if param.device.type == "meta" or param.numel() == 0:
+        return None
+    # a wrapper subclass (DTensor) reports no storage of its own (every one says 0): look at its local shard
+    if is_traceable_wrapper_subclass(param):
+        if not hasattr(param, "to_local"):
+            return None
+        param = param.to_local()
+        if param.numel() == 0:
+            return None
     try:
         return (param.device, param.data_ptr())
     except (RuntimeError, TypeError, NotImplementedError):  # tensor subclasses without plain storage
