@@ -56,3 +56,15 @@ def small_config(tmp_path: Path, **overrides) -> TrainConfig:
                     progress=False, device="cpu")
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+class Killed(RuntimeError):
+    """Raised from `on_step` to stop a run the way a crash would (after a checkpoint, before the next)."""
+
+
+def kill_at(step):
+    def on_step(done):
+        if done == step:
+            raise Killed(f"simulated kill after step {done}")
+
+    return on_step

@@ -18,7 +18,7 @@ from galore_mini.cli import main
 from galore_mini.errors import UsageError
 from galore_mini.train import loop, runs
 from galore_mini.train.loop import TrainingDiverged, read_metrics, train
-from pretrain_fixtures import small_config, write_corpus, write_model
+from pretrain_fixtures import Killed, kill_at, small_config, write_corpus, write_model
 
 
 @pytest.fixture
@@ -157,25 +157,13 @@ def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
 # -- checkpoints: keep the previous one, fall back to it ---------------------------------------------------
 
 
-class Killed(RuntimeError):
-    pass
-
-
-def _kill_at(step):
-    def on_step(done):
-        if done == step:
-            raise Killed(f"simulated kill after step {done}")
-
-    return on_step
-
-
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_and_resume_is_still_exact(
         tmp_path, capsys, damage):
     reference = train(small_config(tmp_path, method="galore_mini", out=str(tmp_path / "ref")))
     config = small_config(tmp_path, method="galore_mini", out=str(tmp_path / "run"))
     with pytest.raises(Killed):
-        train(config, on_step=_kill_at(10))  # checkpoints at 4 (now checkpoint.prev.pt) and 8
+        train(config, on_step=kill_at(10))  # checkpoints at 4 (now checkpoint.prev.pt) and 8
     out = Path(config.out)
     newest = out / runs.CHECKPOINT
     assert torch.load(out / runs.PREVIOUS, weights_only=True)["step"] == 4

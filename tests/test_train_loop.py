@@ -18,7 +18,7 @@ import torch
 from galore_mini.errors import UsageError
 from galore_mini.train import loop
 from galore_mini.train.loop import TrainConfig, cosine_factor, load_config_file, make_config, read_metrics, train
-from pretrain_fixtures import small_config
+from pretrain_fixtures import Killed, kill_at, small_config
 
 TESTS = Path(__file__).resolve().parent
 
@@ -104,25 +104,13 @@ def test_optimizer_options_reach_the_optimizer(tmp_path):
         make_config(method="lora", optimizer_options="moment_policy=project")
 
 
-class Killed(RuntimeError):
-    pass
-
-
-def _kill_at(step):
-    def on_step(done):
-        if done == step:
-            raise Killed(f"simulated kill after step {done}")
-
-    return on_step
-
-
 @pytest.mark.parametrize("method", ["galore_mini", "galore", "relora", "low_rank"])
 def test_resume_after_a_kill_ends_bit_for_bit_where_the_uninterrupted_run_does(tmp_path, method):
     extra = {"relora_every": 5, "lora_dropout": 0.1} if method == "relora" else {}
     reference = train(small_config(tmp_path, method=method, out=str(tmp_path / "ref"), **extra))
     config = small_config(tmp_path, method=method, out=str(tmp_path / "run"), **extra)
     with pytest.raises(Killed):
-        train(config, on_step=_kill_at(6))  # last checkpoint at step 4; steps 5-6 are lost and redone
+        train(config, on_step=kill_at(6))  # last checkpoint at step 4; steps 5-6 are lost and redone
     resumed = train(replace(config, resume=True))
     assert resumed["val_loss"] == reference["val_loss"]
     _assert_same_params(tmp_path / "ref", tmp_path / "run")
@@ -173,7 +161,7 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_loses_nothing(tmp_path):
 def test_resuming_a_finished_run_trains_nothing_and_reports_the_same(tmp_path):
     config = small_config(tmp_path, method="galore", steps=4)
     first = train(config)
-    again = train(replace(config, resume=True), on_step=_kill_at(-1))
+    again = train(replace(config, resume=True), on_step=kill_at(-1))
     assert again["val_loss"] == first["val_loss"]
     assert len([r for r in read_metrics(Path(config.out) / loop.METRICS) if r["kind"] == "eval"]) == 1
 
