@@ -22,7 +22,8 @@ What that gives, per trainable parameter ``p`` (``N(p)`` entries, fp32):
 Limits: fp32 weights and state (what finetune trains in); no activations; ``--layerwise`` does not
 change the optimizer state, but the gradients held at once are not modelled here (``gradient_bytes``
 is every trainable gradient). `model` is a Hugging Face model folder (``config.json``), a
-``PretrainedConfig``, or a pretrain run folder already exported by ``galore-mini finetune``.
+``PretrainedConfig``, a named size or JSON config (:func:`galore_mini.models.model_config`), or a
+pretrain run folder already exported by ``galore-mini finetune``.
 
 Example::
 
@@ -65,15 +66,23 @@ def classifier_config(model, num_labels: int, regression: bool = False):
         config.num_labels = num_labels
         config.problem_type = problem
         return config
+    if isinstance(model, str) and not Path(model).expanduser().exists():
+        from galore_mini.models import model_config  # a named size (tiny, llama_60m …) or a JSON config path
+
+        return classifier_config(model_config(model), num_labels, regression)
     if isinstance(model, (str, os.PathLike)):
         path = Path(model).expanduser()
+        if path.is_file():
+            from galore_mini.models import model_config
+
+            return classifier_config(model_config(str(path)), num_labels, regression)
         if not (path / "config.json").is_file():
             hint = (" (a pretrain run: run `galore-mini finetune --model` on it once, which exports it)"
                     if (path / "checkpoint.pt").is_file() else "")
             raise UsageError(f"--model {model}: no config.json in that folder{hint}; pass a Hugging Face model folder")
         return AutoConfig.from_pretrained(path, num_labels=num_labels, problem_type=problem)
     raise UsageError(f"--model: cannot read a classifier from {type(model).__name__}; pass a Hugging Face model "
-                     "folder or a PretrainedConfig")
+                     "folder, a named size or a PretrainedConfig")
 
 
 def build_classifier(config, device: str | torch.device = "meta", seed: int | None = None) -> torch.nn.Module:
@@ -182,3 +191,40 @@ def measure_finetune(model, method: str = "galore_mini", rank: int = 8, *, num_l
 
 
 __all__ = ["build_classifier", "build_finetune", "classifier_config", "estimate_finetune", "measure_finetune"]
+
+
+def run_cli(args, names: list[str]) -> int:
+    """``galore-mini memory --finetune``: one estimate per method (``--measure``: checked by one real step)."""
+    import json
+
+    from galore_mini.memory.cli import MEASURE_LIMIT_BYTES
+    from galore_mini.memory.estimate import _gib
+
+    unused = [flag for flag, value in (("--layerwise", args.layerwise), ("--batch-size", args.batch_size),
+                                       ("--seq-len", args.seq_len), ("--state-dtype", args.state_dtype),
+                                       ("--proj-dtype", args.proj_dtype), ("--adapter-dtype", args.adapter_dtype),
+                                       ("--vocab-size", args.vocab_size), ("--proj-type", args.proj_type != "std"))
+              if value not in (None, False)]
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: not part of the fine-tuning view (fp32 weights and state, every "
+                         "gradient held, no activations); drop them or drop --finetune")
+    rank = 8 if args.rank is None else args.rank
+    estimates = [estimate_finetune(args.model, m, rank, num_labels=args.num_labels, regression=args.num_labels == 1,
+                                   freeze_embeddings=args.freeze_embeddings) for m in names]
+    if args.measure:
+        for est in estimates:
+            if est.weights_bytes + est.all_gradient_bytes + est.optimizer_bytes > MEASURE_LIMIT_BYTES:
+                raise UsageError(f"--measure: {args.model} needs about {_gib(est.total_bytes)} GiB; measurement is "
+                                 f"for models that fit in {MEASURE_LIMIT_BYTES / 2 ** 30:g} GiB")
+            est.measured = measure_finetune(args.model, est.method, rank, num_labels=args.num_labels,
+                                            regression=args.num_labels == 1, freeze_embeddings=args.freeze_embeddings)
+    if args.plot:
+        from galore_mini.memory.figure import plot
+
+        plot(estimates, args.plot)
+    if args.json:
+        payload = estimates[0].to_dict() if len(estimates) == 1 else {"estimates": [e.to_dict() for e in estimates]}
+        print(json.dumps(payload))
+    else:
+        print("\n\n".join(e.format() for e in estimates))
+    return 1 if any(e.measured and not e.matches_measurement() for e in estimates) else 0
