@@ -92,3 +92,12 @@ def test_model_folder_and_cli(tmp_path, capsys):
     assert all(e["measured_optimizer_bytes"] == e["optimizer_bytes"] for e in out)
     assert main(["memory", "--finetune", "--model", str(tmp_path), "--layerwise"]) == 2
     assert "--layerwise" in capsys.readouterr().err
+
+
+def test_docstring_example():
+    import doctest
+
+    import galore_mini.memory.finetune as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
