@@ -132,9 +132,9 @@ def build_optimizer(model, variant: str, lr: float, rank: int):
     spec = VARIANTS[variant]
     if spec.get("split"):
         groups = gm.param_groups(model, "galore", rank=rank, scale=SCALE)
-        plain = [{"params": g["params"], "weight_decay": g["weight_decay"],
-                  "lr": lr * SCALE if "rank" in g else lr} for g in groups]
-        return torch.optim.AdamW(plain, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        plain = [{"params": g["params"], "lr": lr * SCALE if "rank" in g else lr} for g in groups]
+        # no decay anywhere, as for every other variant (torch's AdamW would default to 0.01)
+        return torch.optim.AdamW(plain, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     options = dict(rank=rank, update_proj_gap=200, scale=SCALE)  # rank and gap only reach projected groups
     options.update(spec.get("create", {}))
     return gm.create_optimizer(model, spec["method"], lr=lr, weight_decay=0.0, **options)

@@ -232,7 +232,8 @@ def test_bad_input_fails_before_writing(pretrained, tmp_path, case, pattern):
     elif case == "no_tokenizer":
         bare = tmp_path / "bare"
         bare.mkdir()
-        (bare / "config.json").write_text((run / "config.json").read_text())
+        # the run folder holds config.json only once it was exported; do not rely on another test having done it
+        (bare / "config.json").write_text((export_pretrained(run) / "config.json").read_text())
         overrides["model"] = str(bare)
     elif case == "rank":
         overrides["rank"] = 64

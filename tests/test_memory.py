@@ -522,6 +522,9 @@ def test_cli_plot(tmp_path, capsys):
     (["--dtype", "int8"], "dtype='int8' is unknown"),
     (["--model", "llama_7b", "--measure"], "--measure: llama_7b needs about"),
     (["--model", "/nonexistent/config.json"], "no such config file"),
+    (["--world-size", "0"], "--world-size=0 must be a positive integer"),
+    (["--model", "tiny", "--world-size", "2", "--measure"], "--measure takes one step in one process"),
+    (["--model", "tiny", "--method", "galore_mini_8bit", "--world-size", "2"], "method='galore_mini_8bit'"),
 ])
 def test_cli_bad_input_is_one_clear_line(capsys, argv, message):
     assert cli.main(["memory", *argv]) == 2
@@ -637,3 +640,88 @@ def test_saved_hugging_face_configs_load(tmp_path, capsys):
     no_vocab = _config_file(tmp_path, {"vocab_size": _DROP})
     assert cli.main(["memory", "--model", no_vocab, "--vocab-size", "100", "--rank", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == estimate(_GOOD, rank=8).params
+
+
+# -- FSDP2: per-rank bytes -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fsdp_per_rank_bytes_equal_a_real_fsdp2_run(tmp_path):
+    """One spawn of 3 gloo processes: world size 3, and 2 on a sub-mesh of ranks 0 and 1, on a LLaMA whose
+    rows divide by neither; every rank's weights, gradients and optimizer state equal the estimate's."""
+    import memory_fsdp_worker as worker
+
+    held = worker.spawn(tmp_path)
+    model = worker.tiny_llama()
+    for case in worker.CASES:
+        options = worker.optimizer_options(case)
+        method = options.pop("method")
+        for world in (2, 3):
+            est = estimate(model, method, world_size=world, **options)
+            measured = [held[r][str(world)][case] for r in range(world)]
+            for r in range(world):
+                for key in ("optimizer_bytes", "weights_bytes", "gradient_bytes"):
+                    assert est.rank_bytes[r][key] == measured[r][key], (case, world, r, key)
+            # uneven rows: the last rank holds less state; rank 0 the most, and it is the one reported
+            assert measured[-1]["optimizer_bytes"] < measured[0]["optimizer_bytes"], (case, world)
+            assert est.reported_rank == 0 and est.optimizer_bytes == measured[0]["optimizer_bytes"]
+            assert est.weights_bytes == est.all_gradient_bytes == measured[0]["local_weights_bytes"]
+
+
+def test_fsdp_world_size_one_is_the_one_process_estimate():
+    for method in ("galore_mini", "full", "galore_8bit", "lora"):
+        plain, one = estimate("tiny", method), estimate("tiny", method, world_size=1)
+        assert one.to_dict() == plain.to_dict() and one.rank_bytes is None
+
+
+def test_fsdp_llama_7b_at_8_ranks_by_hand():
+    """Every row count of LLaMA-7B divides by 8, so each rank holds an eighth of every sharded tensor."""
+    h, i, layers, vocab, heads, r, w = 4096, 11008, 32, 32000, 32, 1024, 8
+    params = 2 * vocab * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
+    n_tensors = 2 + 9 * layers + 1
+    full = estimate("llama_7b", "full", rank=r, dtype="bf16", world_size=w)
+    assert (full.weights_bytes, full.all_gradient_bytes) == (2 * params // w, 2 * params // w)
+    assert full.optimizer_bytes == 2 * 2 * params // w + 4 * n_tensors  # bf16 moments sharded, steps whole
+    # GaLore-mini: right projectors (r×h), left-projection moments (r×i of down_proj), per-head v of q/k and
+    # per-tensor v of norms are whole on every rank; everything laid out by W's rows is cut to h/8, i/8, vocab/8
+    attn = 4 * (r * h + h // w * r) + 2 * heads + 2 * (h // w)
+    mlp = 2 * (r * h + i // w * r + i // w) + (h // w * r + r * i + h // w)
+    non_projected = 2 * (vocab // w * h + vocab // w) + (2 * layers + 1) * (h // w + 1)
+    bookkeeping = 4 * n_tensors + 24 * 7 * layers
+    mini = estimate("llama_7b", "galore_mini", rank=r, dtype="bf16", world_size=w)
+    assert mini.optimizer_bytes == 4 * (layers * (attn + mlp) + non_projected) + bookkeeping
+    assert mini.optimizer_by_role["mlp"] == 4 * layers * mlp + (4 + 24) * 3 * layers
+    assert [b["optimizer_bytes"] for b in mini.rank_bytes] == [mini.optimizer_bytes] * w
+
+
+def test_fsdp_one_uneven_weight_by_hand():
+    """tiny's embedding is 101×… at 3 ranks: rows 34/34/33; Adam-mini keeps m by rows and one v per token."""
+    model = build_model({"vocab_size": 101, "hidden_size": 35, "intermediate_size": 77, "num_hidden_layers": 1,
+                         "num_attention_heads": 5, "head_dim": 10, "num_key_value_heads": 1,
+                         "tie_word_embeddings": False}, device="meta")
+    est = estimate(model, "adam_mini", world_size=3)
+    assert est.optimizer_by_role["embedding"] == 34 * 35 * 4 + 34 * 4 + 4  # exp_avg, exp_avg_sq, step
+    assert est.optimizer_by_role["norm"] == 3 * (12 * 4 + 4 + 4)  # 35 rows → 12 on rank 0; one v per norm
+
+
+@pytest.mark.parametrize("method, needle", [("galore_8bit", "8-bit"), ("galore_adafactor", "galore_adafactor"),
+                                            ("galore_mini_a1", "approach"), ("lora", "adapter")])
+def test_fsdp_unsupported_methods_are_named(method, needle):
+    with pytest.raises(gm.UsageError, match=needle) as info:
+        estimate("tiny", method, world_size=2)
+    assert method in str(info.value)
+    with pytest.raises(gm.UsageError, match="layerwise"):
+        estimate("tiny", "galore_mini", world_size=2, layerwise=True)
+    with pytest.raises(gm.UsageError, match="world_size"):
+        estimate("tiny", "galore_mini", world_size=0)
+
+
+def test_cli_world_size(capsys):
+    assert cli.main(["memory", "--model", "tiny", "--methods", "full,galore_mini", "--world-size", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["estimates"]
+    for got, method in zip(out, ("full", "galore_mini")):
+        expected = estimate("tiny", method, dtype="bf16", world_size=3)
+        assert got["world_size"] == 3 and got["reported_rank"] == 0 and len(got["rank_bytes"]) == 3
+        assert got["rank_bytes"] == expected.rank_bytes and got["optimizer_bytes"] == expected.optimizer_bytes
+    assert cli.main(["memory", "--model", "tiny", "--world-size", "3"]) == 0
+    assert "FSDP2 at 3 ranks: bytes per rank, rank 0 (the rank that holds the most" in capsys.readouterr().out

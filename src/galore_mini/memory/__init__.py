@@ -84,6 +84,13 @@ Optimizer-state parts: ``projectors`` (``projector``, ``projector_right``),
 first moment: Adam-mini's one-per-block ``v``), ``quant_scales`` (``*_absmax``),
 ``bookkeeping`` (``step``, ``host_step``, ``refresh``, ``similarity``).
 
+**FSDP2** (``world_size=N``, ``galore-mini memory --world-size N``): the bytes one rank holds with
+``fully_shard`` — rank 0, which holds the most (⌈m/N⌉ rows of every weight). Weights and gradients
+are FSDP2's padded shards (⌈m/N⌉ rows on every rank); each state key laid out by W's rows
+(:func:`galore_mini.optim.distributed.sharded_keys`) counts the rows that rank holds, the others
+(right projectors, left-projection moments, per-head/tensor ``v``, step counters) count whole on
+every rank. See ``docs/memory.md``.
+
 Limits: named sizes, JSON paths, dicts and config objects are built with ``transformers``
 (Llama by default, any ``model_type`` it knows); a live module is copied to the meta device (its
 parameters untouched). Activations are counted for Llama-layout models only. ``state_dtype``

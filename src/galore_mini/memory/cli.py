@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--proj-type", default="std", help="GaLore projection side: std, reverse_std, left, right, full")
     p.add_argument("--layerwise", action="store_true",
                    help="layer-wise updates: count the gradients held at once (default 64 MiB buckets)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="FSDP2 (fully_shard) over N ranks: report bytes per rank (rank 0, which holds the most); "
+                        "sharded state counts the rows a rank holds, replicated state counts in full (default: 1)")
     p.add_argument("--batch-size", type=int, default=None, help="add activations for this batch size …")
     p.add_argument("--seq-len", type=int, default=None, help="… and sequence length")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -98,13 +101,18 @@ def run(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--rank", args.rank)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag}={value} must be a positive integer")
+    if args.world_size <= 0:
+        raise UsageError(f"--world-size={args.world_size} must be a positive integer")
+    if args.measure and args.world_size > 1:
+        raise UsageError("--measure takes one step in one process; the per-rank FSDP2 figures (--world-size) are "
+                         "checked against a real FSDP2 run in tests/test_memory.py: drop one of the two")
     dtype = _dtype_name(args.dtype)
     estimates = []
     for method in names:
         est = estimate(args.model, method, rank=args.rank, dtype=dtype, state_dtype=args.state_dtype,
                        proj_dtype=args.proj_dtype, proj_type=args.proj_type, layerwise=args.layerwise,
                        batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                       adapter_dtype=args.adapter_dtype)
+                       adapter_dtype=args.adapter_dtype, world_size=args.world_size)
         estimates.append(est)
     if args.measure:
         built: dict = {}

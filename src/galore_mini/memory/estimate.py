@@ -99,6 +99,10 @@ class MemoryEstimate:
     ``optimizer_by_key`` by state key (the keys :func:`optimizer_state_breakdown` reports),
     ``optimizer_by_role`` by where the parameter sits (``attention``, ``mlp``, ``embedding``,
     ``output``, ``norm``, ``other``). ``measured`` holds measurements when taken.
+
+    With ``world_size`` N > 1 (FSDP2) every byte figure is **per rank**, for ``reported_rank``, the rank
+    that holds the most (rank 0: it holds ⌈m/N⌉ rows of every weight); ``rank_bytes`` lists each rank's
+    weights, gradients and optimizer state. ``params`` and ``trainable_params`` stay whole-model counts.
     """
 
     model: str
@@ -122,6 +126,9 @@ class MemoryEstimate:
     seq_len: int | None = None
     activation_bytes: int | None = None
     total_bytes: int = 0
+    world_size: int = 1
+    reported_rank: int = 0
+    rank_bytes: list[dict[str, int]] | None = None
     measured: dict[str, Any] | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +149,9 @@ class MemoryEstimate:
         """A readable breakdown (GiB = 2³⁰ bytes)."""
         rank = f", rank {self.rank}" if self.rank is not None else ""
         adapter = methods.get(self.method).kind == "adapter"
-        lines = [f"{self.model}: {self.method}{rank}, {self.dtype} weights, optimizer state {self.state_dtype}",
+        lines = [f"{self.model}: {self.method}{rank}, {self.dtype} weights, optimizer state {self.state_dtype}"
+                 + (f"\n  FSDP2 at {self.world_size} ranks: bytes per rank, rank {self.reported_rank} (the rank that "
+                    "holds the most; ⌈m/N⌉ rows of each weight)" if self.world_size > 1 else ""),
                  f"  parameters        {self.params:>16,}   trainable {self.trainable_params:,}"
                  + (f", {'in adapters' if adapter else 'projected'} "
                     f"{self.projected_params:,}" if self.projected_params else "")]
@@ -370,7 +379,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
              state_dtype=None, proj_dtype=None, proj_type: str = "std", layerwise: bool = False,
              batch_size: int | None = None, seq_len: int | None = None, min_8bit_size: int | None = None,
              adaptive_gap: bool = False, gap_window: int = 5, vocab_size: int | None = None,
-             adapter_dtype=None, allow_unprojected: bool = False, bucket_bytes: int | None = None) -> MemoryEstimate:
+             adapter_dtype=None, allow_unprojected: bool = False, bucket_bytes: int | None = None,
+             world_size: int = 1) -> MemoryEstimate:
     """Memory of training `model_or_config` with `method` (see :mod:`galore_mini.memory` for what is counted).
 
     `rank` defaults to the paper's rank for a named size (``DEFAULT_RANKS``), else 128; it must be below
@@ -385,8 +395,18 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     projected methods) and are ignored for the others, so one call pattern serves every method;
     `min_8bit_size` (None: the optimizer's default) goes to the optimizer as given. `batch_size` and
     `seq_len` together add activations. `bucket_bytes` (with `layerwise`): the layer-wise bucket size;
-    None means :func:`galore_mini.layerwise`'s default for this method. Bad input raises
-    :class:`~galore_mini.errors.UsageError`.
+    None means :func:`galore_mini.layerwise`'s default for this method. `world_size` N > 1: the bytes one
+    rank holds under FSDP2 (``fully_shard``), for rank 0, which holds the most (⌈m/N⌉ rows of every
+    weight); state laid out by W's rows (:func:`galore_mini.optim.distributed.sharded_keys`) counts
+    that rank's rows, the rest counts whole; ``rank_bytes`` lists every rank. Methods the sharded step
+    refuses (8-bit, Adafactor, approaches 1/2), the adapter baselines and ``layerwise`` raise. Bad input
+    raises :class:`~galore_mini.errors.UsageError`.
+
+    Example::
+
+        >>> e = estimate("llama_7b", "galore_mini", rank=1024, dtype="bf16", world_size=8)
+        >>> e.reported_rank, e.optimizer_bytes
+        (0, 5492121488)
     """
     import galore_mini as gm
 
@@ -401,6 +421,9 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     if min_8bit_size is not None:
         _positive_int(min_8bit_size, "min_8bit_size")
     gap_window = _positive_int(gap_window, "gap_window")
+    world_size = _positive_int(world_size, "world_size")
+    if world_size > 1:
+        _check_fsdp(method, entry, layerwise)
     if (batch_size is None) != (seq_len is None):
         raise UsageError("activations need both batch_size and seq_len (or neither)")
     if batch_size is not None:
@@ -442,26 +465,23 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
         projected_params = sum(p.numel() for p in unique_parameters(model) if id(p) in projected)
 
     layouts = optimizer_state_layout(optimizer)
-    per_param = [layout_sizes(layout) for _, layout in layouts]
     names = {id(p): n for n, p in model.named_parameters()}
-    by_key: dict[str, int] = {}
-    by_role = dict.fromkeys(ROLE_GROUPS, 0)
-    for (p, _), sizes in zip(layouts, per_param):
-        for key, (_, b) in sizes.items():
-            by_key[key] = by_key.get(key, 0) + b
-        by_role[_role_of(names.get(id(p), ""), roles)] += sum(b for _, b in sizes.values())
-    optimizer_bytes = sum(by_key.values())
-
     params = unique_parameters(model)
     trainable = [p for p in params if p.requires_grad]
-    grad_bytes = [p.numel() * p.element_size() for p in trainable]
-    all_grads = sum(grad_bytes)
+    if world_size > 1:
+        _check_fsdp_optimizer(method, optimizer)
+    # each rank's figures; rank 0 holds the most (⌈m/N⌉ rows of every weight), and is the one reported
+    ranks = [_rank_figures(optimizer, layouts, params, trainable, names, roles, world_size, r)
+             for r in range(world_size)]
+    top = max(range(world_size), key=lambda r: (ranks[r]["total"], -r))
+    figures = ranks[top]
+
     if layerwise:
         if bucket_bytes is None:  # what galore_mini.layerwise does: torch's optimizers go one parameter at a time
             bucket_bytes = 0 if entry.optimizer == "AdamW" else DEFAULT_BUCKET_BYTES
-        held = layerwise_held_bytes(grad_bytes, [names.get(id(p), "") for p in trainable], bucket_bytes)
+        held = layerwise_held_bytes(figures["grad_bytes"], [names.get(id(p), "") for p in trainable], bucket_bytes)
     else:
-        held = all_grads
+        held = figures["all_grads"]
     activations = None
     if batch_size is not None:
         if config is None or _field(config, "intermediate_size") is None:
@@ -469,15 +489,83 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
                              "hidden_size, intermediate_size …)")
         act_dtype = dtype_name if dtype_name in DTYPE_BYTES else "fp32"
         activations = activation_bytes(config, batch_size, seq_len, act_dtype)
-    weights_total = sum(p.numel() * p.element_size() for p in params)
+    optimizer_bytes = figures["optimizer"]
+    weights_total = figures["weights"]
     return MemoryEstimate(
         model=label, method=method, rank=rank if entry.ranked else None, dtype=dtype_name,
         state_dtype=_state_label(entry, state_name, optimizer, layouts),
         params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
         projected_params=projected_params, weights_bytes=weights_total, gradient_bytes=held,
-        all_gradient_bytes=all_grads, largest_gradient_bytes=max(grad_bytes, default=0), layerwise=bool(layerwise),
-        optimizer_bytes=optimizer_bytes, optimizer_parts=parts(per_param), optimizer_by_key=dict(sorted(by_key.items())),
-        optimizer_by_role=by_role,
+        all_gradient_bytes=figures["all_grads"], largest_gradient_bytes=max(figures["grad_bytes"], default=0),
+        layerwise=bool(layerwise), optimizer_bytes=optimizer_bytes, optimizer_parts=parts(figures["per_param"]),
+        optimizer_by_key=dict(sorted(figures["by_key"].items())), optimizer_by_role=figures["by_role"],
         batch_size=batch_size, seq_len=seq_len, activation_bytes=activations,
         total_bytes=weights_total + held + optimizer_bytes + (activations or 0),
+        world_size=world_size, reported_rank=top,
+        rank_bytes=[{"weights_bytes": f["weights"], "gradient_bytes": f["all_grads"], "optimizer_bytes": f["optimizer"]}
+                    for f in ranks] if world_size > 1 else None,
     )
+
+
+def _check_fsdp(method: str, entry, layerwise: bool) -> None:
+    """What the FSDP2 estimate cannot count: refuse it, naming the method and what to do."""
+    if entry.kind == "adapter":
+        raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines (low_rank, lora, relora) are "
+                         "not run under FSDP2 here, so there is no per-rank figure to give; estimate them with "
+                         "world_size=1, or pick an optimizer method")
+    if layerwise:
+        raise UsageError("world_size > 1 with layerwise=True: under FSDP2 the gradients held at once depend on "
+                         "FSDP2's unsharded gradient buffers before each reduce-scatter, which the estimator does "
+                         "not model; drop layerwise (or use world_size=1)")
+
+
+def _check_fsdp_optimizer(method: str, optimizer) -> None:
+    """The sharded step's own refusals (read from its optimizer and groups, not from a list of methods)."""
+    from galore_mini.optim.distributed import unsupported_reason
+
+    for group in optimizer.param_groups:
+        why = unsupported_reason(optimizer, group)
+        if why:
+            raise UsageError(f"world_size > 1 with method={method!r}: {why}, so this method cannot run under FSDP2; "
+                             "use galore, galore_mini, adam_mini or full (fp32 moments), or world_size=1")
+
+
+def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: int, rank: int) -> dict[str, Any]:
+    """Bytes rank `rank` of `world` holds under FSDP2 (``world == 1``: one process, everything whole).
+
+    Weights and gradients: FSDP2 pads every rank's shard to rank 0's ⌈m/N⌉ rows (its sharded
+    parameter and reduce-scatter output are allocated at that size), so they are the same on every
+    rank. Optimizer state: the keys laid out like the weight's rows, cut to the rows this rank holds
+    (unpadded: the state DTensors are allocated at the local shape); the others whole.
+    """
+    from galore_mini.memory.layout import rank_layout, sharded_state_keys
+    from galore_mini.optim.distributed import shard_rows
+
+    def padded_rows(p) -> int:
+        return shard_rows(p.shape[0], world, 0)[1]
+
+    def local_bytes(p) -> int:
+        if world == 1 or not p.dim():
+            return p.numel() * p.element_size()
+        return padded_rows(p) * (p.numel() // p.shape[0]) * p.element_size()
+
+    groups = [group for group in optimizer.param_groups for _ in group["params"]]
+    per_param, by_key, by_role = [], {}, dict.fromkeys(ROLE_GROUPS, 0)
+    for (p, layout), group in zip(layouts, groups):
+        if world > 1:
+            sharded = sharded_state_keys(optimizer, p, group)
+            wrong = [key for key in sharded if layout[key][0][:1] != tuple(p.shape[:1])]
+            if wrong:  # a sharded key must be laid out like the rows of W
+                raise RuntimeError(f"state {wrong} of a {list(p.shape)} parameter is not laid out by its rows")
+            layout = rank_layout(layout, sharded, shard_rows(p.shape[0], world, rank)[1])
+        sizes = layout_sizes(layout)
+        per_param.append(sizes)
+        for key, (_, b) in sizes.items():
+            by_key[key] = by_key.get(key, 0) + b
+        by_role[_role_of(names.get(id(p), ""), roles)] += sum(b for _, b in sizes.values())
+    grad_bytes = [local_bytes(p) for p in trainable]
+    weights = sum(local_bytes(p) for p in params)
+    optimizer_bytes = sum(by_key.values())
+    return {"per_param": per_param, "by_key": by_key, "by_role": by_role, "optimizer": optimizer_bytes,
+            "grad_bytes": grad_bytes, "all_grads": sum(grad_bytes), "weights": weights,
+            "total": weights + sum(grad_bytes) + optimizer_bytes}

@@ -36,6 +36,8 @@ def plot(estimates: list[MemoryEstimate], path: str, title: str | None = None,
     first = estimates[0]
     rank = next((e.rank for e in estimates if e.rank is not None), None)
     extras = [f"{first.dtype} weights"] + ([f"rank {rank}"] if rank else [])
+    if first.world_size > 1:
+        extras.append(f"per rank, FSDP2 at {first.world_size} ranks")
     if any(e.layerwise for e in estimates):
         extras.append("layer-wise updates")
     if any(e.activation_bytes for e in estimates):

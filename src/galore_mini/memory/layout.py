@@ -65,3 +65,28 @@ def layout_sizes(layout: Layout) -> dict[str, tuple[int, int]]:
         numel = math.prod(shape)
         out[key] = (numel, numel * dtype.itemsize)
     return out
+
+
+def sharded_state_keys(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> set[str]:
+    """The state keys of `p` that FSDP2 shards with `p`'s rows (``Shard(0)``); the others are whole on every rank.
+
+    galore-mini's optimizers: :func:`galore_mini.optim.distributed.sharded_keys`, the rule their
+    DTensor step allocates by (it reads shapes and group options only, so a meta-device `p` works).
+    torch's Adam/AdamW allocate their moments with ``zeros_like(p)``, which keeps `p`'s placements;
+    ``step`` is a plain scalar.
+    """
+    from galore_mini.optim import distributed
+    from galore_mini.optim.core import ComposedOptimizer
+
+    if isinstance(optimizer, ComposedOptimizer):
+        return distributed.sharded_keys(optimizer, p, group)
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return {key for key in _torch_adam_layout(p, group) if key != "step"}
+    raise UsageError(f"cannot read the state layout of {type(optimizer).__name__}: the estimator knows "
+                     "galore-mini's optimizers and torch's Adam/AdamW")
+
+
+def rank_layout(layout: Layout, sharded: set[str], rows: int) -> Layout:
+    """One rank's part of a parameter's `layout`: the `sharded` keys cut to `rows` rows, the others whole."""
+    return {key: ((rows, *shape[1:]) if key in sharded else shape, dtype) for key, (shape, dtype) in layout.items()}
+

@@ -76,7 +76,7 @@ try:  # torch >= 2.4
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing to shard
     DTensor = None
 
-__all__ = ["is_dtensor", "ShardSpec", "shard_spec"]
+__all__ = ["is_dtensor", "ShardSpec", "shard_spec", "shard_rows", "sharded_keys", "unsupported_reason"]
 
 
 def is_dtensor(t) -> bool:
@@ -200,6 +200,31 @@ def sharded_keys(optimizer, p: torch.Tensor, group: dict) -> set[str]:
     return keys
 
 
+def unsupported_reason(optimizer, group: dict) -> str | None:
+    """Why `group` cannot take DTensor parameters (None when it can); read from the optimizer and the
+    group's options only, so the memory estimator asks the same question without a process group."""
+    if getattr(optimizer, "distributed_unsupported", None):
+        return optimizer.distributed_unsupported
+    if group.get("moment_bits", getattr(optimizer, "moment_bits", 32)) == 8:
+        return "8-bit moments (block-wise quantisation across shard boundaries) are not supported on DTensors yet"
+    if "rank" in group and group.get("approach", 3) != 3:
+        return "GaLore-mini's ablations (approach 1 and 2) run in one process only; use approach=3"
+    return None
+
+
+def shard_rows(rows_total: int, world: int, rank: int) -> tuple[int, int]:
+    """``(offset, rows)`` of rank `rank`'s rows of a dim-0 size `rows_total` split over `world` ranks, as
+    ``fully_shard`` and ``Shard(0)`` split it (``torch.chunk``): ⌈rows_total/world⌉ rows per rank from
+    rank 0 on, so the last ranks hold fewer, or none. No process group needed.
+
+    >>> [shard_rows(7, 3, r) for r in range(3)], shard_rows(4, 3, 2)
+    ([(0, 3), (3, 3), (6, 1)], (4, 0))
+    """
+    chunk = -(-rows_total // world)
+    offset = min(rows_total, chunk * rank)
+    return offset, min(rows_total, offset + chunk) - offset
+
+
 def check_group(optimizer, group: dict) -> None:
     """Refuse at construction what the sharded step cannot do (named, with what to do instead)."""
     params = group["params"]
@@ -214,13 +239,7 @@ def check_group(optimizer, group: dict) -> None:
             f"{_describe(params[plain], group, plain)}: shard the whole model with fully_shard (each decoder layer "
             "and the root), or put the plain parameters in a group of their own"
         )
-    why = None
-    if getattr(optimizer, "distributed_unsupported", None):
-        why = optimizer.distributed_unsupported
-    elif group.get("moment_bits", getattr(optimizer, "moment_bits", 32)) == 8:
-        why = "8-bit moments (block-wise quantisation across shard boundaries) are not supported on DTensors yet"
-    elif "rank" in group and group.get("approach", 3) != 3:
-        why = "GaLore-mini's ablations (approach 1 and 2) run in one process only; use approach=3"
+    why = unsupported_reason(optimizer, group)
     if why:
         index = flags.index(True)
         raise UsageError(f"{name}: {_describe(params[index], group, index)} is a DTensor (FSDP2-sharded): {why}. "

@@ -56,6 +56,7 @@ import torch
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
+from galore_mini.train.runs import atomic_save, atomic_write
 from galore_mini.train.tasks import METRIC_NAMES, Task, compute_metrics, load_task
 
 #: the methods with a fine-tuning recipe: those the registry gives a `finetune_lr`
@@ -150,18 +151,7 @@ def _readable(tmp: str) -> None:
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    _readable(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -169,18 +159,8 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 
 def _atomic_torch(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    _readable(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(obj, path)
 
 
 # -- the model: a local folder, a pretrain run, or a hub id --------------------------------------------

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from galore_mini.errors import UsageError
+from galore_mini.train.pretrain_cli import parse_lr
 
 DEMO_PRETRAIN_STEPS = 300
 DEMO_SEEDS = (0, 1, 2)
@@ -61,21 +62,6 @@ def register(subparsers) -> None:
     p.epilog = f"Warm-up {WARMUP_RATIO:.0%} of the updates, then linear decay to 0."
 
 
-def _parse_lr(text: str | None, methods: tuple[str, ...]) -> dict[str, float]:
-    if text is None:
-        return {}
-    try:
-        if "=" not in text:
-            return dict.fromkeys(methods, float(text))
-        out = {}
-        for item in text.split(","):
-            method, _, value = item.partition("=")
-            out[method.strip()] = float(value)
-        return out
-    except ValueError:
-        raise UsageError(f"--lr={text!r}: give a number or METHOD=LR pairs separated by commas") from None
-
-
 def _parse_seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if text is None:
         return default
@@ -112,7 +98,7 @@ def run_cli(args: argparse.Namespace) -> int:
     config = FinetuneConfig(model=args.model or "", task=args.task, val=args.val, methods=methods,
                             layerwise=args.layerwise, rank=args.rank, scale=args.scale,
                             update_proj_gap=args.update_proj_gap, freeze_embeddings=args.freeze_embeddings,
-                            epochs=args.epochs, lr=_parse_lr(args.lr, methods), batch_size=args.batch_size,
+                            epochs=args.epochs, lr=parse_lr(args.lr, list(methods)), batch_size=args.batch_size,
                             max_length=args.max_length, seeds=seeds, grad_clip=args.grad_clip, out=args.out,
                             device=args.device, progress=args.progress)
     if demo:

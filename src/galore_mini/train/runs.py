@@ -56,7 +56,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -84,18 +84,34 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a temporary file beside it: `write` fills it, fsync, rename over `path`,
+    fsync the folder.
 
-    A crash at any point leaves either the old file or the new one at `path`, never half of one.
+    A crash at any point leaves either the old file or the new one at `path`, never half of one (a
+    killed process leaves a ``*.tmp-*`` file, which resume deletes; a failing `write` removes it at
+    once). The file gets the mode an ordinary ``open()`` would give it (mkstemp's is 0600).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _process_start(pid: int) -> str | None:
