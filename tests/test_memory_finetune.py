@@ -92,6 +92,8 @@ def test_model_folder_and_cli(tmp_path, capsys):
     assert all(e["measured_optimizer_bytes"] == e["optimizer_bytes"] for e in out)
     assert main(["memory", "--finetune", "--model", str(tmp_path), "--layerwise"]) == 2
     assert "--layerwise" in capsys.readouterr().err
+    assert main(["memory", "--finetune", "--model", str(tmp_path), "--world-size", "2"]) == 2
+    assert "--world-size" in capsys.readouterr().err
 
 
 def test_docstring_example():

@@ -203,11 +203,12 @@ def run_cli(args, names: list[str]) -> int:
     unused = [flag for flag, value in (("--layerwise", args.layerwise), ("--batch-size", args.batch_size),
                                        ("--seq-len", args.seq_len), ("--state-dtype", args.state_dtype),
                                        ("--proj-dtype", args.proj_dtype), ("--adapter-dtype", args.adapter_dtype),
-                                       ("--vocab-size", args.vocab_size), ("--proj-type", args.proj_type != "std"))
+                                       ("--vocab-size", args.vocab_size), ("--proj-type", args.proj_type != "std"),
+                                       ("--world-size", getattr(args, "world_size", 1) != 1))
               if value not in (None, False)]
     if unused:
         raise UsageError(f"{', '.join(unused)}: not part of the fine-tuning view (fp32 weights and state, every "
-                         "gradient held, no activations); drop them or drop --finetune")
+                         "gradient held, one process, no activations); drop them or drop --finetune")
     rank = 8 if args.rank is None else args.rank
     estimates = [estimate_finetune(args.model, m, rank, num_labels=args.num_labels, regression=args.num_labels == 1,
                                    freeze_embeddings=args.freeze_embeddings) for m in names]
