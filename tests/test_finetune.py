@@ -100,6 +100,12 @@ def test_every_method_learns_and_results_schema(pretrained, tmp_path):
     # state: AdamW keeps two fp32 moments per trainable parameter (+ step counters)
     assert 8 * by["full"]["trainable_params"] <= by["full"]["optimizer_state_bytes"] < 8 * by["full"]["trainable_params"] + 4096
     assert by["galore_mini"]["optimizer_state_bytes"] < by["galore"]["optimizer_state_bytes"] < by["full"]["optimizer_state_bytes"]
+    from galore_mini.memory.finetune import estimate_finetune
+
+    for method in methods:  # the memory estimate's fine-tuning view equals what each run measured
+        est = estimate_finetune(str(pretrained[0]), method, rank=4, num_labels=2)
+        assert est.optimizer_bytes == by[method]["optimizer_state_bytes"], method
+        assert est.trainable_params == by[method]["trainable_params"], method
     table = (tmp_path / "ft" / "results.md").read_text()
     assert f"Majority-class baseline: **{majority:.2f}**" in table and "| GaLore-mini |" in table
     assert (tmp_path / "ft" / "scores.png").stat().st_size > 0
@@ -107,7 +113,8 @@ def test_every_method_learns_and_results_schema(pretrained, tmp_path):
 
 
 def test_freeze_embeddings_in_the_low_rank_methods(pretrained, tmp_path):
-    from galore_mini.train.finetune import build_method
+    from galore_mini.memory.finetune import estimate_finetune
+    from galore_mini.train.finetune import build_method, state_bytes
 
     setup = prepare(config(pretrained, tmp_path / "out", freeze_embeddings=True,
                            methods=("full", "lora", "galore", "galore_mini", "adam_mini")))
@@ -120,6 +127,11 @@ def test_freeze_embeddings_in_the_low_rank_methods(pretrained, tmp_path):
         assert head and all(p.requires_grad and id(p) in trained for p in head), method  # the head: always
         if method == "lora":
             assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.weight"))
+        ids = torch.tensor([setup.train.input_ids[0]])
+        model(input_ids=ids, labels=torch.tensor([setup.train.labels[0]])).loss.backward()
+        optimizer.step()  # one real step: the state then equals the fine-tuning memory estimate
+        assert state_bytes(optimizer) == estimate_finetune(str(pretrained[0]), method, rank=4, num_labels=2,
+                                                           freeze_embeddings=True).optimizer_bytes, method
     assert not (tmp_path / "out").exists()
 
 

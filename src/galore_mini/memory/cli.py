@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--measure", action="store_true", help="build the model, run one real optimizer step and "
                    "report the measured state bytes (small models only)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw stacked bars per method to this file")
+    p.add_argument("--finetune", action="store_true", help="the fine-tuning view: --model as `galore-mini finetune` "
+                   "trains it (a classifier, LoRA on frozen matrices; fp32; --rank default 8; --dtype ignored)")
+    p.add_argument("--num-labels", type=int, default=2, help="with --finetune: classes of the head (1: regression)")
+    p.add_argument("--freeze-embeddings", action="store_true", help="with --finetune: as finetune's flag")
     p.set_defaults(func=run)
 
 
@@ -88,6 +92,10 @@ def _measure_cli(args, est: MemoryEstimate, dtype: str, models: dict) -> None:
 
 def run(args) -> int:
     names = _parse_methods(args)
+    if getattr(args, "finetune", False):
+        from galore_mini.memory.finetune import run_cli
+
+        return run_cli(args, names)
     if args.vocab_size is not None:
         _positive_int(args.vocab_size, "--vocab-size")
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--rank", args.rank)):

@@ -376,6 +376,22 @@ def _targets(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
             if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in projectable]
 
 
+def check_targets(model: torch.nn.Module, methods: Sequence[str], rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """:func:`_targets` of `model`, refusing a rank the ranked methods among `methods` cannot use."""
+    targets = _targets(model)
+    ranked = [m for m in methods if registry.get(m).ranked]
+    if ranked:
+        if not targets:
+            raise UsageError(f"--methods {','.join(ranked)}: the model has no attention/MLP matrices to project "
+                             "or adapt")
+        name, shape = min(targets, key=lambda t: min(t[1]))
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+        if rank >= min(shape):
+            raise UsageError(f"--rank={rank} is too large for this model (hidden size {hidden}): it must be "
+                             f"below {min(shape)}, the smaller side of {name}.weight {list(shape)}")
+    return targets
+
+
 def _encode(tokenizer, examples, max_length: int) -> tuple[list[list[int]], int]:
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None
@@ -424,17 +440,7 @@ def prepare(config: FinetuneConfig, *, load_dataset: Callable | None = None,
         raise UsageError(f"--max-length={config.max_length} exceeds the model's {positions} positions; "
                          f"use at most {positions}")
     max_length = config.max_length or min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
-    targets = _targets(model)
-    ranked = [m for m in config.methods if registry.get(m).ranked]
-    if ranked:
-        if not targets:
-            raise UsageError(f"--methods {','.join(ranked)}: the model has no attention/MLP matrices to project "
-                             "or adapt")
-        name, shape = min(targets, key=lambda t: min(t[1]))
-        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
-        if config.rank >= min(shape):
-            raise UsageError(f"--rank={config.rank} is too large for this model (hidden size {hidden}): it must be "
-                             f"below {min(shape)}, the smaller side of {name}.weight {list(shape)}")
+    targets = check_targets(model, config.methods, config.rank)
     train_ids, over_train = _encode(tokenizer, task.train, max_length)
     val_ids, over_val = _encode(tokenizer, task.val, max_length)
     notes = []
@@ -471,11 +477,25 @@ def _collate(encoded: Encoded, index: Sequence[int], pad_id: int, regression: bo
 def build_method(setup: Setup, method: str, seed: int):
     """(model, optimizer, layer-wise handle or None) for one run; the head drawn from `seed`."""
     import galore_mini as gm
-    from galore_mini.optim.groups import read_model
 
     config = setup.config
-    entry = registry.get(method)
     model = _load_classifier(setup.model_path, setup.num_labels, setup.pad_id, setup.task.regression, seed)
+    model = method_model(model, method, config, setup.targets)
+    model.to(setup.device)
+    optimizer = method_optimizer(model, method, config)
+    handle = None
+    if method == "galore_mini" and config.layerwise:
+        handle = gm.layerwise(model, optimizer, max_grad_norm=config.grad_clip or None)
+    return model, optimizer, handle
+
+
+def method_model(model: torch.nn.Module, method: str, config: FinetuneConfig, targets: list[str]) -> torch.nn.Module:
+    """What `method` trains of a loaded classifier: embeddings frozen on request (ranked methods), LoRA
+    wrapped around `targets` for ``lora``. Shared by training and ``galore_mini.memory.finetune`` (which
+    calls it on a meta-device model), so the memory estimate follows these rules by construction."""
+    from galore_mini.optim.groups import read_model
+
+    entry = registry.get(method)
     if entry.ranked and config.freeze_embeddings:
         for info in read_model(model):
             if info.role == "embedding":
@@ -483,18 +503,20 @@ def build_method(setup: Setup, method: str, seed: int):
     if entry.kind == "adapter":
         if method != "lora":
             raise UsageError(f"--methods: {method!r} has no fine-tuning recipe; use lora")
-        model = _with_lora(model, setup.targets, config.rank)
-    model.to(setup.device)
+        model = _with_lora(model, targets, config.rank)
+    return model
+
+
+def method_optimizer(model: torch.nn.Module, method: str, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """The optimizer of one run over `model` as :func:`method_model` left it (LoRA: AdamW on what is trainable)."""
+    import galore_mini as gm
+
+    entry = registry.get(method)
     lr = config.resolved_lr(method)
     if entry.kind == "adapter" or method == "full":
-        optimizer = gm.create_optimizer(model, "full", lr=lr)
-    else:
-        optimizer = gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(),
-                                        update_proj_gap=config.update_proj_gap)
-    handle = None
-    if method == "galore_mini" and config.layerwise:
-        handle = gm.layerwise(model, optimizer, max_grad_norm=config.grad_clip or None)
-    return model, optimizer, handle
+        return gm.create_optimizer(model, "full", lr=lr)
+    return gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(),
+                               update_proj_gap=config.update_proj_gap)
 
 
 def _with_lora(model: torch.nn.Module, targets: list[str], rank: int) -> torch.nn.Module:
