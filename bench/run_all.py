@@ -168,6 +168,15 @@ def render(results: Path, commands: list[str]) -> str:
                 "one weight at a time (batching them across weights, as the step already does, is the next "
                 "step). Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands "
                 "above: it spawns processes). Communication per step and refresh: `docs/distributed.md`.", ""]
+    batching = _load(results, "refresh_batching")
+    if batching:
+        import refresh_batching
+
+        out += ["## Batched refresh on the CPU", "", _when(batching), "", refresh_batching.render(batching), "",
+                "Why `core.BATCH_REFRESH_ON_CPU` is off: the exact SVD gains nothing from batching on the CPU; the "
+                "power iteration may (read the speed-up column of the run above; not changed on one loaded run). "
+                "Command: `PYTHONPATH=src python3 bench/refresh_batching.py --json bench/results/refresh_batching.json` "
+                "(not part of the commands above).", ""]
     out += ["## Notes", "", NOTES, ""]
     kernels = _load(results, "update_kernels")
     if kernels:
