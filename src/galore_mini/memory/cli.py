@@ -118,6 +118,12 @@ def run(args) -> int:
         built: dict = {}
         for est in estimates:
             _measure_cli(args, est, dtype, built)
+    return report(estimates, args)
+
+
+def report(estimates: list[MemoryEstimate], args) -> int:
+    """Plot, print (JSON or text) and return the exit code: 1 where a measured figure differs from
+    its estimate, which is a bug somewhere."""
     if args.plot:
         plot(estimates, args.plot)
     if args.json:
@@ -127,6 +133,4 @@ def run(args) -> int:
         print("\n\n".join(e.format() for e in estimates))
         if args.plot:
             print(f"\nfigure written to {args.plot}")
-    # a measured figure that differs from the estimate is a bug somewhere: say so in the exit code
-    mismatched = [e for e in estimates if e.measured and not e.matches_measurement()]
-    return 1 if mismatched else 0
+    return 1 if any(e.measured and not e.matches_measurement() for e in estimates) else 0

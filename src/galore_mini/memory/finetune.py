@@ -219,13 +219,6 @@ def run_cli(args, names: list[str]) -> int:
                                  f"for models that fit in {MEASURE_LIMIT_BYTES / 2 ** 30:g} GiB")
             est.measured = measure_finetune(args.model, est.method, rank, num_labels=args.num_labels,
                                             regression=args.num_labels == 1, freeze_embeddings=args.freeze_embeddings)
-    if args.plot:
-        from galore_mini.memory.figure import plot
+    from galore_mini.memory.cli import report
 
-        plot(estimates, args.plot)
-    if args.json:
-        payload = estimates[0].to_dict() if len(estimates) == 1 else {"estimates": [e.to_dict() for e in estimates]}
-        print(json.dumps(payload))
-    else:
-        print("\n\n".join(e.format() for e in estimates))
-    return 1 if any(e.measured and not e.matches_measurement() for e in estimates) else 0
+    return report(estimates, args)
