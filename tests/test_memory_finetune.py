@@ -94,6 +94,8 @@ def test_model_folder_and_cli(tmp_path, capsys):
     assert "--layerwise" in capsys.readouterr().err
     assert main(["memory", "--finetune", "--model", str(tmp_path), "--world-size", "2"]) == 2
     assert "--world-size" in capsys.readouterr().err
+    assert main(["memory", "--finetune", "--model", str(tmp_path), "--dtype", "bf16"]) == 2
+    assert "--dtype" in capsys.readouterr().err
 
 
 def test_docstring_example():

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                    help=f"one of {', '.join(methods.METHODS)} (default: galore_mini)")
     p.add_argument("--methods", default=None, help="comma-separated methods, or 'all' (the paper's comparison)")
     p.add_argument("--rank", type=int, default=None, help="rank (default: the paper's for the size, e.g. 1024 at 7B)")
-    p.add_argument("--dtype", default="bf16", help="weights' dtype: fp32, bf16, fp16 (default: bf16)")
+    p.add_argument("--dtype", default=None, help="weights' dtype: fp32, bf16, fp16 (default: bf16; with --finetune "
+                   "only fp32)")
     p.add_argument("--state-dtype", default=None, help="optimizer-state dtype for the optimizers that take one "
                    "(default: fp32)")
     p.add_argument("--proj-dtype", default=None, help="projector dtype for the GaLore family (default: fp32)")
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
                    "report the measured state bytes (small models only)")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw stacked bars per method to this file")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning view: --model as `galore-mini finetune` "
-                   "trains it (a classifier, LoRA on frozen matrices; fp32; --rank default 8; --dtype ignored)")
+                   "trains it (a classifier, LoRA on frozen matrices; fp32; --rank default 8; --dtype other than fp32 is refused)")
     p.add_argument("--num-labels", type=int, default=2, help="with --finetune: classes of the head (1: regression)")
     p.add_argument("--freeze-embeddings", action="store_true", help="with --finetune: as finetune's flag")
     p.set_defaults(func=run)
@@ -106,7 +107,7 @@ def run(args) -> int:
     if args.measure and args.world_size > 1:
         raise UsageError("--measure takes one step in one process; the per-rank FSDP2 figures (--world-size) are "
                          "checked against a real FSDP2 run in tests/test_memory.py: drop one of the two")
-    dtype = _dtype_name(args.dtype)
+    dtype = _dtype_name(args.dtype or "bf16")
     estimates = []
     for method in names:
         est = estimate(args.model, method, rank=args.rank, dtype=dtype, state_dtype=args.state_dtype,

@@ -195,8 +195,6 @@ __all__ = ["build_classifier", "build_finetune", "classifier_config", "estimate_
 
 def run_cli(args, names: list[str]) -> int:
     """``galore-mini memory --finetune``: one estimate per method (``--measure``: checked by one real step)."""
-    import json
-
     from galore_mini.memory.cli import MEASURE_LIMIT_BYTES
     from galore_mini.memory.estimate import _gib
 
@@ -204,7 +202,8 @@ def run_cli(args, names: list[str]) -> int:
                                        ("--seq-len", args.seq_len), ("--state-dtype", args.state_dtype),
                                        ("--proj-dtype", args.proj_dtype), ("--adapter-dtype", args.adapter_dtype),
                                        ("--vocab-size", args.vocab_size), ("--proj-type", args.proj_type != "std"),
-                                       ("--world-size", getattr(args, "world_size", 1) != 1))
+                                       ("--world-size", getattr(args, "world_size", 1) != 1),
+                                       ("--dtype", args.dtype not in (None, "fp32", "float32")))
               if value not in (None, False)]
     if unused:
         raise UsageError(f"{', '.join(unused)}: not part of the fine-tuning view (fp32 weights and state, every "
