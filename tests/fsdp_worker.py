@@ -53,7 +53,8 @@ def shard(model):
     return model
 
 
-def batches(kind: str, steps: int, batch: int = 6, seq: int = 12, seed: int = 1):
+def batches(kind: str, steps: int, batch: int = 12, seq: int = 12, seed: int = 1):
+    # 12 examples: an equal share for every rank at 2, 3 and 4 ranks
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB[kind], (batch, seq), generator=gen) for _ in range(steps)]
 
@@ -61,6 +62,7 @@ def batches(kind: str, steps: int, batch: int = 6, seq: int = 12, seed: int = 1)
 def local_batch(x: torch.Tensor) -> torch.Tensor:
     rank, world = dist.get_rank(), dist.get_world_size()
     per = x.shape[0] // world
+    assert per * world == x.shape[0], f"a global batch of {x.shape[0]} does not split over {world} ranks"
     return x[rank * per:(rank + 1) * per]
 
 
