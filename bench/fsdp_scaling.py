@@ -6,7 +6,10 @@ One run measures every world size in turn on the same model and batch: world 1 i
 FSDP (the baseline), worlds 2 and 4 shard every decoder layer and the root with ``fully_shard`` and
 spawn that many processes with one thread each. Reported per method: the median optimizer ``step()``
 time without a refresh (``update_proj_gap`` large), the median with a refresh on every step
-(``update_proj_gap=1``: the warm-started power iteration with its all-reduces), the median of a whole
+(``update_proj_gap=1``: the warm-started power iteration with its all-reduces, every weight's refresh run
+side by side so that each round of collectives serves all weights), the same with the weights refreshed
+one at a time (the earlier code's schedule: one collective per weight per round; measured by swapping
+``run_in_lockstep`` for a sequential loop in this process only), the median of a whole
 training step (forward, backward with FSDP2's collectives, ``step()``), and the largest per-rank
 optimizer state. Ratios are against world 1 of the same run. On a machine with fewer cores than
 ranks the ranks share cores, so step times there measure scheduling as much as the work.
@@ -55,8 +58,13 @@ def _measure(cfg: dict, world: int, rank: int) -> dict:
     per = cfg["batch"] // world
     out = {}
     for method, options in METHODS.items():
+        options = {**options, "rank": cfg["rank"]} if "rank" in options else options
         row = {}
-        for label, gap in (("step", 10_000), ("refresh step", 1)):
+        for label, gap in (("step", 10_000), ("refresh step", 1), ("refresh one at a time", 1)):
+            if label == "refresh one at a time" and world == 1:
+                row[label] = None  # one process has no collectives to batch
+                continue
+            _sequential_refresh(label == "refresh one at a time")
             model = _model(cfg)
             if world > 1:
                 from torch.distributed.fsdp import fully_shard
@@ -86,10 +94,23 @@ def _measure(cfg: dict, world: int, rank: int) -> dict:
                 row["training step"] = statistics.median(whole)
                 row["state bytes"] = opt.state_bytes()
             if method == "adam_mini":
-                row["refresh step"] = None
+                row["refresh step"] = row["refresh one at a time"] = None
                 break
+        _sequential_refresh(False)
         out[method] = row
     return out
+
+
+_LOCKSTEP = None
+
+
+def _sequential_refresh(on: bool) -> None:
+    """Refresh the weights one after another (each weight's collectives in turn) instead of side by side."""
+    from galore_mini.optim import distributed
+
+    global _LOCKSTEP
+    _LOCKSTEP = _LOCKSTEP or distributed.run_in_lockstep
+    distributed.run_in_lockstep = (lambda refreshes: [_LOCKSTEP([r])[0] for r in refreshes]) if on else _LOCKSTEP
 
 
 def _worker(rank: int, world: int, init: str, cfg: dict, out: str) -> None:
@@ -114,9 +135,11 @@ def main(argv=None) -> None:
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (pipeline check)")
     args = parser.parse_args(argv)
-    cfg = dict(vocab=4096, hidden=256, intermediate=688, layers=4, heads=8, seq=128, batch=8, steps=8, warmup=3)
+    cfg = dict(vocab=4096, hidden=256, intermediate=688, layers=4, heads=8, seq=128, batch=8, steps=8, warmup=3,
+               rank=32)
     if args.smoke:
-        cfg.update(vocab=128, hidden=32, intermediate=64, layers=1, heads=4, seq=16, batch=4, steps=3, warmup=1)
+        cfg.update(vocab=128, hidden=32, intermediate=64, layers=1, heads=4, seq=16, batch=4, steps=3, warmup=1,
+                   rank=8)
     worlds = [int(w) for w in args.worlds.split(",")]
     results = {}
     torch.set_num_threads(1)
@@ -147,18 +170,22 @@ def render(report: dict) -> str:
             ratio = (lambda key: f" ({row[key] / base[method][key]:.2f}×)" if base and row[key] and base[method][key]
                      else "")
             refresh = f"{row['refresh step'] * 1e3:.1f}{ratio('refresh step')}" if row["refresh step"] else "—"
-            rows.append([method, world, f"{row['step'] * 1e3:.1f}{ratio('step')}", refresh,
+            one_at_a_time = row.get("refresh one at a time")
+            sequential = (f"{one_at_a_time * 1e3:.1f} ({one_at_a_time / row['refresh step']:.2f}× side by side)"
+                          if one_at_a_time else "—")
+            rows.append([method, world, f"{row['step'] * 1e3:.1f}{ratio('step')}", refresh, sequential,
                          f"{row['training step'] * 1e3:.0f}{ratio('training step')}",
                          f"{row['state bytes'] / 2 ** 20:.2f}{ratio('state bytes')}"])
     machine = report["machine"]
     head = (f"LLaMA {cfg['layers']}×{cfg['hidden']} (intermediate {cfg['intermediate']}, vocab {cfg['vocab']}), "
-            f"global batch {cfg['batch']}×{cfg['seq']}, GaLore rank 32, one thread per rank, gloo; "
+            f"global batch {cfg['batch']}×{cfg['seq']}, GaLore rank {cfg.get('rank', 32)}, one thread per rank, gloo; "
             f"{machine['date']}, {machine['cpu']}, {machine['cpus visible']} cores, load average "
             f"{machine.get('load average', '?')}, git {machine.get('git', '?')}. Medians over "
             f"{cfg['steps'] - cfg['warmup']} steps after {cfg['warmup']} warm-up steps; the slowest rank and the "
             "largest per-rank state; ratios against one process (world 1, no FSDP) of the same run.")
     return head + "\n\n" + C.markdown_table(
-        ["method", "ranks", "optimizer step ms", "step with refresh ms", "training step ms", "state MiB per rank"],
+        ["method", "ranks", "optimizer step ms", "step with refresh ms", "refresh one weight at a time ms",
+         "training step ms", "state MiB per rank"],
         rows)
 
 

@@ -380,94 +380,183 @@ def _ritz(q: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
     return q @ eigvecs[..., -rank:].flip(-1)
 
 
+class _Reduce(NamedTuple):
+    """A refresh's request: the sum of `tensor` over the ranks that hold `spec`'s rows."""
+
+    spec: ShardSpec
+    tensor: torch.Tensor
+
+
+class _Gather(NamedTuple):
+    """A refresh's request: the whole matrix whose rows are sharded as `spec`'s (`rows` are this rank's)."""
+
+    spec: ShardSpec
+    rows: torch.Tensor
+
+
 def _right_basis(spec: ShardSpec, g: torch.Tensor, rank: int, method: str, previous, generator,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype):
     """n×r basis of the leading right singular subspace of G (rows sharded), the same on every rank:
-    the one-process ``_left_basis_from(Gᵀ …)`` with its products summed over the ranks."""
+    the one-process ``_left_basis_from(Gᵀ …)`` with its products summed over the ranks. A generator
+    (see :func:`run_in_lockstep`): it yields each sum it needs and returns the basis."""
     n, m = g.shape[1], spec.rows_total
     gc = g.to(dtype)
 
     def sketch_of(y):  # Gᵀ (G y): n×k, one all-reduce
-        return spec.all_reduce((gc.mT @ (gc @ y.to(dtype))).float())
-
-    def ritz(q):  # qᵀGᵀ G q = Σ_i (G_i q)ᵀ(G_i q): one k×k all-reduce
-        h = (gc @ q.to(dtype)).float()
-        return _ritz(q, spec.all_reduce(h.mT @ h), rank)
+        return (yield _Reduce(spec, (gc.mT @ (gc @ y.to(dtype))).float()))
 
     if method == "random":
         basis, _ = torch.linalg.qr(torch.randn((n, rank), generator=generator).to(g.device))
         return basis
     if method == "power" and previous is not None:
-        basis = ritz(torch.linalg.qr(sketch_of(previous))[0])
+        q, _ = torch.linalg.qr((yield from sketch_of(previous)))
     else:
         k = min(rank + OVERSAMPLE, n, m)
         sketch = torch.randn((m, k), generator=generator).to(device=g.device, dtype=dtype)
-        q, _ = torch.linalg.qr(spec.all_reduce((gc.mT @ spec.local_rows(sketch)).float()))
+        q, _ = torch.linalg.qr((yield _Reduce(spec, (gc.mT @ spec.local_rows(sketch)).float())))
         for _ in range(RANDOMIZED_POWER_STEPS):
-            q, _ = torch.linalg.qr(sketch_of(q))
-        basis = ritz(q)
+            q, _ = torch.linalg.qr((yield from sketch_of(q)))
+    h = (gc @ q.to(dtype)).float()  # Ritz step: qᵀGᵀ G q = Σ_i (G_i q)ᵀ(G_i q), one k×k all-reduce
+    basis = _ritz(q, (yield _Reduce(spec, h.mT @ h)), rank)
     if previous is not None:
         basis = basis * torch.where((basis * previous).sum(dim=-2, keepdim=True) < 0, -1.0, 1.0)
     return basis
 
 
 def _left_basis(spec: ShardSpec, g: torch.Tensor, rank: int, method: str, previous_rows, generator,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype):
     """m×r basis (whole, on every rank) of the leading left singular subspace of G (rows sharded);
     `previous_rows` is this rank's rows of the previous basis. The m×k products are gathered for the
-    QR (k-column matrices, never the gradient)."""
+    QR (k-column matrices, never the gradient). A generator, as :func:`_right_basis`."""
     m, n = spec.rows_total, g.shape[1]
     gc = g.to(dtype)
 
     def gathered(x):  # G x for x n×k replicated: this rank's rows, gathered
-        return spec.gather_rows((gc @ x.to(dtype)).float())
+        return (yield _Gather(spec, (gc @ x.to(dtype)).float()))
 
     def t_times(q_rows):  # Gᵀ q = Σ_i G_iᵀ q_i: n×k all-reduce
-        return spec.all_reduce((gc.mT @ q_rows.to(dtype)).float())
-
-    def ritz(q):  # small = qᵀ G = Σ_i q_iᵀ G_i: one k×n all-reduce
-        small = spec.all_reduce((spec.local_rows(q).to(dtype).mT @ gc).float())
-        return _ritz(q, small @ small.mT, rank)
+        return (yield _Reduce(spec, (gc.mT @ q_rows.to(dtype)).float()))
 
     if method == "random":
         basis, _ = torch.linalg.qr(torch.randn((m, rank), generator=generator).to(g.device))
         return basis
     if method == "power" and previous_rows is not None:
-        q, _ = torch.linalg.qr(gathered(t_times(previous_rows)))
-        basis = ritz(q)
+        q, _ = torch.linalg.qr((yield from gathered((yield from t_times(previous_rows)))))
     else:
         k = min(rank + OVERSAMPLE, m, n)
         sketch = torch.randn((n, k), generator=generator).to(device=g.device, dtype=dtype)
-        q, _ = torch.linalg.qr(gathered(sketch))
+        q, _ = torch.linalg.qr((yield from gathered(sketch)))
         for _ in range(RANDOMIZED_POWER_STEPS):
-            q, _ = torch.linalg.qr(gathered(t_times(spec.local_rows(q))))
-        basis = ritz(q)
+            q, _ = torch.linalg.qr((yield from gathered((yield from t_times(spec.local_rows(q))))))
+    # Ritz step: small = qᵀ G = Σ_i q_iᵀ G_i, one k×n all-reduce
+    small = yield _Reduce(spec, (spec.local_rows(q).to(dtype).mT @ gc).float())
+    basis = _ritz(q, small @ small.mT, rank)
     if previous_rows is not None:
-        agreement = spec.all_reduce((spec.local_rows(basis) * previous_rows.float()).sum(dim=-2, keepdim=True))
+        agreement = yield _Reduce(spec, (spec.local_rows(basis) * previous_rows.float()).sum(dim=-2, keepdim=True))
         basis = basis * torch.where(agreement < 0, -1.0, 1.0)
     return basis
 
 
-def compute_projector_sharded(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, method: str,
-                              state: dict, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def projector_refresh(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, method: str, state: dict,
+                      generator: torch.Generator, dtype: torch.dtype):
     """Whole new projector tensors (identical on every rank) from this rank's gradient rows `g`;
-    `state` holds the local views of the previous projector (empty at the first refresh)."""
+    `state` holds the local views of the previous projector (empty at the first refresh). A generator
+    of the sums and gathers it needs (run it with :func:`run_in_lockstep`)."""
     if method == "svd":
         # the exact reference: gather G (m×n) and take its SVD on every rank, as one process does
-        return compute_projector(spec.gather_rows(g.float()), rank, side, "svd", {}, generator, dtype)
+        whole = yield _Gather(spec, g.float())
+        return compute_projector(whole, rank, side, "svd", {}, generator, dtype)
     g = g.float()
     out = {}
     old = state.get("projector")
     if side in ("left", "full"):
-        out["projector"] = _left_basis(spec, g, rank, method, old, generator, dtype)
+        out["projector"] = yield from _left_basis(spec, g, rank, method, old, generator, dtype)
     if side == "right":
-        out["projector"] = _right_basis(spec, g, rank, method, old.float().mT if old is not None else None,
-                                        generator, dtype).mT
+        out["projector"] = (yield from _right_basis(spec, g, rank, method, old.float().mT if old is not None
+                                                    else None, generator, dtype)).mT
     if side == "full":
         prev = state.get("projector_right")
-        out["projector_right"] = _right_basis(spec, g, rank, method, prev.float().mT if prev is not None else None,
-                                              generator, dtype).mT
+        out["projector_right"] = (yield from _right_basis(spec, g, rank, method, prev.float().mT if prev is not None
+                                                          else None, generator, dtype)).mT
     return {key: value.to(dtype).contiguous() for key, value in out.items()}
+
+
+def compute_projector_sharded(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, method: str,
+                              state: dict, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One weight's :func:`projector_refresh`, run on its own."""
+    return run_in_lockstep([projector_refresh(spec, g, rank, side, method, state, generator, dtype)])[0]
+
+
+def run_in_lockstep(refreshes: list) -> list:
+    """Run refresh generators side by side and return what each returns.
+
+    Each round collects the next request of every unfinished generator and serves them all with
+    one all-reduce (the sums) and one all-gather (the gathers) per process group, so refreshing
+    many weights costs as many collectives as the longest single refresh, not their total. Every
+    rank holds the same weights with the same shapes and methods, so the requests come in the same
+    order on every rank. Gathers pad each rank's rows to the largest shard (uneven shards) and are
+    exact; a sum is each element's sum over the ranks (the batched buffer may round differently
+    from one collective per tensor, equally on every rank).
+    """
+    results: list = [None] * len(refreshes)
+    requests: dict[int, object] = {}
+
+    def advance(i, value=None, first=False):
+        try:
+            requests[i] = next(refreshes[i]) if first else refreshes[i].send(value)
+        except StopIteration as done:
+            requests.pop(i, None)
+            results[i] = done.value
+
+    for i in range(len(refreshes)):
+        advance(i, first=True)
+    while requests:
+        order = list(requests)
+        answers: dict[int, torch.Tensor] = {}
+        sums = [i for i in order if isinstance(requests[i], _Reduce)]
+        for i, value in zip(sums, _reduce_flat([(requests[i].spec, requests[i].tensor) for i in sums])):
+            answers[i] = value
+        gathers = [i for i in order if isinstance(requests[i], _Gather)]
+        for i, value in zip(gathers, _gather_flat([(requests[i].spec, requests[i].rows) for i in gathers])):
+            answers[i] = value
+        for i in order:
+            advance(i, answers[i])
+    return results
+
+
+def _gather_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each piece's whole matrix (rows sharded as its spec's), with one all-gather per process group:
+    every rank sends its rows of every piece padded to the largest shard, ⌈rows/world⌉."""
+    out: list[torch.Tensor | None] = [None] * len(pieces)
+    by_group: dict[int, list[int]] = {}
+    for i, (spec, rows) in enumerate(pieces):
+        if spec.group is None:
+            out[i] = rows
+        else:
+            by_group.setdefault(id(spec.group), []).append(i)
+    for indices in by_group.values():
+        group = pieces[indices[0]][0].group
+        world = dist.get_world_size(group)
+        padded, chunks = [], []
+        for i in indices:
+            spec, rows = pieces[i]
+            chunk = -(-spec.rows_total // world)
+            flat = rows.reshape(rows.shape[0], -1)
+            padded.append(torch.nn.functional.pad(flat, (0, 0, 0, chunk - flat.shape[0])).reshape(-1))
+            chunks.append(chunk)
+        mine = torch.cat(padded)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        start = 0
+        for i, chunk in zip(indices, chunks):
+            spec, rows = pieces[i]
+            width = math.prod(rows.shape[1:])
+            size = chunk * width
+            parts = [each[start:start + size].view(chunk, width) for each in every]
+            start += size
+            whole = torch.cat(parts)[:spec.rows_total]  # torch.chunk's split: the padding is at the end
+            out[i] = whole.reshape(spec.rows_total, *rows.shape[1:])
+    return out
 
 
 # -- the step -------------------------------------------------------------------------------------
@@ -569,14 +658,20 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         return
     views = [_local_state(optimizer.state[item.param]) for item in ready]
     due_at = [int(view["refresh"][0]) if "refresh" in view else None for view in views]
-    for (p, g, group, spec), view, t, due in zip(ready, views, steps, due_at):
-        if due is not None and t >= due:
-            side = resolve_side(group["proj_type"], p.shape)
-            new = compute_projector_sharded(spec, g, group["rank"], side, group["proj_method"],
-                                            view if t > 1 else {}, optimizer._generator(p, t),
-                                            _proj_dtype(group))
-            optimizer._install_projector(p, group, view, side, t, new, t > 1,
-                                         shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group)))
+    # every weight due a refresh, side by side: as many collectives as one weight's refresh
+    due_now = [i for i, (t, due) in enumerate(zip(steps, due_at)) if due is not None and t >= due]
+    refreshes = []
+    for i in due_now:
+        p, g, group, spec = ready[i]
+        side = resolve_side(group["proj_type"], p.shape)
+        refreshes.append(projector_refresh(spec, g, group["rank"], side, group["proj_method"],
+                                           views[i] if steps[i] > 1 else {}, optimizer._generator(p, steps[i]),
+                                           _proj_dtype(group)))
+    for i, new in zip(due_now, run_in_lockstep(refreshes)):
+        p, g, group, spec = ready[i]
+        side = resolve_side(group["proj_type"], p.shape)
+        optimizer._install_projector(p, group, views[i], side, steps[i], new, steps[i] > 1,
+                                     shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group)))
     # every sum this step needs, in one all-reduce: left projections and block sums of squares
     pieces, owners = [], []
     for index, ((p, g, group, spec), view) in enumerate(zip(ready, views)):
