@@ -164,9 +164,9 @@ def render(results: Path, commands: list[str]) -> str:
                 "GaLore-mini (their right projectors, left projections' moments and per-head `v` are "
                 "replicated). The times here are not a speed measurement: the ranks share 2 cores with other "
                 "jobs (see the load average), so 2 and 4 ranks run interleaved on the same cores. The refresh "
-                "step is latency-bound at 4 ranks: the sharded refresh issues 2-4 small collectives per weight, "
-                "one weight at a time (batching them across weights, as the step already does, is the next "
-                "step). Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands "
+                "step runs every weight's refresh side by side (one all-reduce and one all-gather per round for "
+                "all weights); the column 'one weight at a time' is the earlier schedule (2-5 collectives per "
+                "weight), measured in the same run. Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands "
                 "above: it spawns processes). Communication per step and refresh: `docs/distributed.md`.", ""]
     batching = _load(results, "refresh_batching")
     if batching:

@@ -31,7 +31,8 @@ of an n×k sketch per power step and the Rayleigh–Ritz step one of a k×k Gram
 projection ``Gᵀ P = Σ_i G_iᵀ P_i`` (n×k all-reduce), the m×k product's rows are gathered for the QR,
 and the Ritz step reduces a k×n matrix (k = r, or r + 8 for the range finder). Random sketches are
 drawn whole with the one-process seeds on every rank (each takes its rows), so every rank reaches
-the same projector, and the one-process one. ``proj_method="svd"`` gathers the gradient (m×n) and
+the same projector, and the one-process one. All weights due a refresh in a step are refreshed side by side
+(:func:`run_in_lockstep`): one all-reduce and one all-gather per round serve every weight. ``proj_method="svd"`` gathers the gradient (m×n) and
 takes the exact SVD on every rank: the slow reference. ``docs/distributed.md`` has the byte counts.
 
 **State** is DTensors on the parameter's mesh: ``Shard(0)`` for anything laid out like the rows of W
