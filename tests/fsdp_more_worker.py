@@ -132,7 +132,21 @@ def check_bad_input(report: dict) -> None:
     expect_usage_error(lambda: gm.GaLoreAdafactor([cube]), "GaLoreAdafactor", "[6, 4, 5]", "2 dimensions")
 
 
-CHECKS = {"parity": check_parity, "placements": check_state_placements, "bad_input": check_bad_input}
+def check_estimate(report: dict) -> None:
+    """`galore-mini memory --world-size 3` counts what each rank holds after a step of the registry's methods."""
+    from galore_mini.memory import estimate
+
+    for method in ("galore_adafactor", "galore_mini_a1", "galore_mini_a2"):
+        model = shard(tiny_model("qwen2"))
+        opt = gm.create_optimizer(model, method, rank=4)
+        run_steps(model, opt, batches("qwen2", 1), True)
+        est = estimate(tiny_model("qwen2"), method, rank=4, world_size=dist.get_world_size())
+        held = est.rank_bytes[dist.get_rank()]["optimizer_bytes"]
+        assert opt.state_bytes() == held, (method, opt.state_bytes(), held)
+
+
+CHECKS = {"parity": check_parity, "placements": check_state_placements, "bad_input": check_bad_input,
+          "estimate": check_estimate}
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:

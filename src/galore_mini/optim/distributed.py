@@ -18,12 +18,23 @@ the gradient rows FSDP2's reduce-scatter handed it, and the arithmetic is the on
   with the rows and needs nothing; any other layout (heads — a head's rows may straddle a shard
   boundary —, GQA key heads, columns, whole tensor) keeps its few scalars replicated, and the block
   sums of squares of the local rows are summed across ranks.
+* **GaLoreAdafactor**: where R's rows are W's rows (right projection, unprojected weights, 1-D
+  parameters) the row EMA is local and sharded, the column EMA replicated; the column sums of
+  ``R² + ε₁`` (cols-vector), the row EMA's sum and the update's column sums of squares (so the
+  clipping RMS needs no second round: ``‖U‖² = r̄ Σ_j (Σ_i R_ij²/r_i) / c_j``) are summed across
+  ranks, and ``‖W‖²`` for ``scale_parameter``. Left projections: R is reduced already, only ``‖W‖²``.
+* **GaLore-mini's ablations**: approach 1 (``v`` of R's blocks) on a right projection sums R's block
+  sums of squares across ranks for blocks other than one per row (heads that straddle a boundary,
+  the r low-rank columns, the whole tensor); on a left projection R is whole. Approach 2 takes
+  ``v`` from G as approach 3; where its blocks collapse to the mean of √v̂ and ``v`` is per row of W
+  (sharded), the local sum of √v̂ is summed (one scalar).
 * **Non-finite gradients**: one flag per parameter, reduced, so a NaN on one rank skips that
   parameter on every rank.
 
-All sums of a step (left projections and block sums of every parameter) travel in **one**
-all-reduce per process group, plus one for the finiteness flags (which the one-process step reads
-on the host anyway: no new host synchronisation per parameter).
+All sums of a step (left projections, block sums and what an optimizer's update sums over W's rows,
+``_shard_sums``, of every parameter) travel in **one** all-reduce per process group, plus one for
+the finiteness flags (which the one-process step reads on the host anyway: no new host
+synchronisation per parameter).
 
 **Refresh.** The warm-started power iteration (``proj_method="power"``) and the randomized range
 finder never gather a gradient: for a right projection ``Gᵀ(G Q) = Σ_i G_iᵀ(G_i Q)`` is one all-reduce
@@ -43,8 +54,8 @@ counters and the refresh schedule stay plain host tensors (identical on every ra
 **Supported placements**: ``Shard(0)`` on one mesh dimension and ``Replicate()`` on any others (FSDP2,
 HSDP), or all-``Replicate``. ``Shard(1)`` (tensor parallelism), ``_StridedShard``, ``Partial`` and a
 projected group that mixes DTensor and plain parameters are refused with a :class:`UsageError`.
-Not yet on DTensors: ``GaLoreAdafactor``, 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``),
-GaLore-mini's ablations (approach 1 and 2); they raise at construction. DTensor parameters take the
+Not yet on DTensors: 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``) and ``GaLoreAdafactor``
+on parameters of more than 2 dimensions; they raise at construction. DTensor parameters take the
 single-tensor reference step (the multi-tensor path is one-process only for now).
 
 Example (``torchrun --nproc_per_node 2 train.py``)::
@@ -220,7 +231,8 @@ def _grad_blocks(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
 
 def unsupported_reason(optimizer, group: dict) -> str | None:
     """Why `group` cannot take DTensor parameters (None when it can); read from the optimizer and the
-    group's options only, so the memory estimator asks the same question without a process group."""
+    group's options only, so the memory estimator asks the same question without a process group.
+    (GaLoreAdafactor refuses DTensor parameters of more than 2 dimensions itself, by shape.)"""
     if getattr(optimizer, "distributed_unsupported", None):
         return optimizer.distributed_unsupported
     if group.get("moment_bits", getattr(optimizer, "moment_bits", 32)) == 8:
@@ -259,7 +271,7 @@ def check_group(optimizer, group: dict) -> None:
     if why:
         index = flags.index(True)
         raise UsageError(f"{name}: {_describe(params[index], group, index)} is a DTensor (FSDP2-sharded): {why}. "
-                         "Use GaLoreAdamW, GaLoreMini (approach 3) or AdamMini with fp32 moments")
+                         "Use fp32 moments (GaLoreAdamW, GaLoreMini, GaLoreAdafactor or AdamMini)")
     for index, p in enumerate(params):
         if flags[index]:
             shard_spec(p, group, index)
