@@ -21,8 +21,8 @@ def test_adafactor_and_ablations_on_fsdp2_match_one_process_and_resume(tmp_path)
     try:
         # 3 ranks: rows 11/11/10 of 32-row weights (llama heads straddle shards); Qwen2's GQA k_proj rows 0-11
         # (one key head) straddle ranks 0 and 1; vocab 101 and intermediate 100 shard unevenly
-        mp.spawn(fsdp_more_worker.run, args=(3, str(tmp_path / "pg"), ["parity", "placements", "estimate",
-                                                                        "checkpoints", "bad_input"], str(tmp_path)), nprocs=3)
+        checks = ["parity", "placements", "estimate", "checkpoints", "bad_input"]
+        mp.spawn(fsdp_more_worker.run, args=(3, str(tmp_path / "pg"), checks, str(tmp_path)), nprocs=3)
     finally:
         os.environ.update(saved)
     report = json.loads((tmp_path / "report-3.json").read_text())
