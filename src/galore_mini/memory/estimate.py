@@ -399,7 +399,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     rank holds under FSDP2 (``fully_shard``), for rank 0, which holds the most (⌈m/N⌉ rows of every
     weight); state laid out by W's rows (:func:`galore_mini.optim.distributed.sharded_keys`) counts
     that rank's rows, the rest counts whole; ``rank_bytes`` lists every rank. Methods the sharded step
-    refuses (8-bit, Adafactor, approaches 1/2), the adapter baselines and ``layerwise`` raise. Bad input
+    refuses (8-bit moments), the adapter baselines and ``layerwise`` raise. Bad input
     raises :class:`~galore_mini.errors.UsageError`.
 
     Example::
@@ -527,7 +527,8 @@ def _check_fsdp_optimizer(method: str, optimizer) -> None:
         why = unsupported_reason(optimizer, group)
         if why:
             raise UsageError(f"world_size > 1 with method={method!r}: {why}, so this method cannot run under FSDP2; "
-                             "use galore, galore_mini, adam_mini or full (fp32 moments), or world_size=1")
+                             "use a method with fp32 moments (galore, galore_mini and its ablations, galore_adafactor, "
+                             "adam_mini or full), or world_size=1")
 
 
 def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: int, rank: int) -> dict[str, Any]:

@@ -187,10 +187,19 @@ class ParamStep:
     full-size parameter).
     """
 
+    #: a sharded step's sums across ranks for this parameter, named as the optimizer's ``_shard_sums``
+    #: names them ({} when it needs none); None in one process, where ``_update`` sums over the whole tensor
+    across: dict[str, torch.Tensor] | None = None
+
     def __init__(self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, t: int,
                  side: str | None, layout: BlockLayout | None):
         self.param, self.grad, self.state, self.group, self.t = param, grad, state, group, t
         self.side, self.layout = side, layout
+
+    @property
+    def shape(self) -> torch.Size:
+        """The whole parameter's shape (a sharded step's ``param`` is this rank's rows)."""
+        return self.param.shape
 
     @property
     def projected(self) -> bool:
@@ -626,6 +635,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def _update(self, ps: ParamStep) -> Update:
         raise NotImplementedError
+
+    def _shard_sums(self, ps: ParamStep) -> dict[str, torch.Tensor]:
+        """This rank's parts of the sums over all of W's rows that ``_update`` needs (a sharded step adds
+        them up across ranks in its one all-reduce and hands them to ``_update`` as ``ps.across``); must not
+        change state. The default: none (everything is local, or reduced by the step itself)."""
+        return {}
 
     def _decay_rate(self, group) -> float:
         """How much weight decay removes this step (``lr·λ`` unless a subclass scales lr)."""

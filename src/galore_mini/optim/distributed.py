@@ -18,12 +18,23 @@ the gradient rows FSDP2's reduce-scatter handed it, and the arithmetic is the on
   with the rows and needs nothing; any other layout (heads — a head's rows may straddle a shard
   boundary —, GQA key heads, columns, whole tensor) keeps its few scalars replicated, and the block
   sums of squares of the local rows are summed across ranks.
+* **GaLoreAdafactor**: where R's rows are W's rows (right projection, unprojected weights, 1-D
+  parameters) the row EMA is local and sharded, the column EMA replicated; the column sums of
+  ``R² + ε₁`` (cols-vector), the row EMA's sum and the update's column sums of squares (so the
+  clipping RMS needs no second round: ``‖U‖² = r̄ Σ_j (Σ_i R_ij²/r_i) / c_j``) are summed across
+  ranks, and ``‖W‖²`` for ``scale_parameter``. Left projections: R is reduced already, only ``‖W‖²``.
+* **GaLore-mini's ablations**: approach 1 (``v`` of R's blocks) on a right projection sums R's block
+  sums of squares across ranks for blocks other than one per row (heads that straddle a boundary,
+  the r low-rank columns, the whole tensor); on a left projection R is whole. Approach 2 takes
+  ``v`` from G as approach 3; where its blocks collapse to the mean of √v̂ and ``v`` is per row of W
+  (sharded), the local sum of √v̂ is summed (one scalar).
 * **Non-finite gradients**: one flag per parameter, reduced, so a NaN on one rank skips that
   parameter on every rank.
 
-All sums of a step (left projections and block sums of every parameter) travel in **one**
-all-reduce per process group, plus one for the finiteness flags (which the one-process step reads
-on the host anyway: no new host synchronisation per parameter).
+All sums of a step (left projections, block sums and what an optimizer's update sums over W's rows,
+``_shard_sums``, of every parameter) travel in **one** all-reduce per process group, plus one for
+the finiteness flags (which the one-process step reads on the host anyway: no new host
+synchronisation per parameter).
 
 **Refresh.** The warm-started power iteration (``proj_method="power"``) and the randomized range
 finder never gather a gradient: for a right projection ``Gᵀ(G Q) = Σ_i G_iᵀ(G_i Q)`` is one all-reduce
@@ -44,8 +55,8 @@ counters and the refresh schedule stay plain host tensors (identical on every ra
 **Supported placements**: ``Shard(0)`` on one mesh dimension and ``Replicate()`` on any others (FSDP2,
 HSDP), or all-``Replicate``. ``Shard(1)`` (tensor parallelism), ``_StridedShard``, ``Partial`` and a
 projected group that mixes DTensor and plain parameters are refused with a :class:`UsageError`.
-Not yet on DTensors: ``GaLoreAdafactor``, 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``),
-GaLore-mini's ablations (approach 1 and 2); they raise at construction. DTensor parameters take the
+Not yet on DTensors: 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``) and ``GaLoreAdafactor``
+on parameters of more than 2 dimensions; they raise at construction. DTensor parameters take the
 single-tensor reference step (the multi-tensor path is one-process only for now).
 
 Example (``torchrun --nproc_per_node 2 train.py``)::
@@ -186,30 +197,47 @@ def sharded_keys(optimizer, p: torch.Tensor, group: dict) -> set[str]:
 
     keys = set()
     side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
-    blocks = optimizer._block_layout(p.shape, group) if optimizer.uses_blocks else None
+    blocks = _v_blocks(optimizer, p.shape, group)
     for key in optimizer.state_layout(p.shape, group):
-        if key in HOST_STATE or key == "projector_right":
+        if key in HOST_STATE or key == "projector_right" or key in getattr(optimizer, "replicated_state", ()):
             continue
         if key == "projector":
             if side in ("left", "full"):
                 keys.add(key)
         elif key == "exp_avg_sq" and blocks is not None and blocks.kind != "elementwise":
-            if _rows_layout(blocks):
+            # one v per row of W: per row of the gradient, or (approach 1) per row of a right projection's R
+            if _rows_layout(blocks) and blocks.shape[0] == p.shape[0] and (
+                    tuple(blocks.shape) == tuple(p.shape) or side == "right"):
                 keys.add(key)
         elif side in (None, "right"):
-            keys.add(key)  # full-size moments, or an m×r low-rank moment
+            keys.add(key)  # full-size moments, or an m×r low-rank moment (Adafactor: its per-row EMA)
     return keys
+
+
+def _v_blocks(optimizer, shape, group: dict) -> BlockLayout | None:
+    """The blocks `v` is kept over: the weight's, or (GaLore-mini approach 1) blocks counted on R."""
+    if not optimizer.uses_blocks:
+        return None
+    v_layout = getattr(optimizer, "_v_layout", None)
+    return v_layout(tuple(shape), group) if v_layout is not None else optimizer._block_layout(shape, group)
+
+
+def _grad_blocks(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
+    """The blocks whose sums of squares of G a sharded step takes (None: `v` is not fed from G's
+    blocks — no blocks, or GaLore-mini's approach 1, whose `v` is fed from R by ``_shard_sums``)."""
+    if not optimizer.uses_blocks or ("rank" in group and group.get("approach", 3) == 1):
+        return None
+    return optimizer._block_layout(p.shape, group)
 
 
 def unsupported_reason(optimizer, group: dict) -> str | None:
     """Why `group` cannot take DTensor parameters (None when it can); read from the optimizer and the
-    group's options only, so the memory estimator asks the same question without a process group."""
+    group's options only, so the memory estimator asks the same question without a process group.
+    (GaLoreAdafactor refuses DTensor parameters of more than 2 dimensions itself, by shape.)"""
     if getattr(optimizer, "distributed_unsupported", None):
         return optimizer.distributed_unsupported
     if group.get("moment_bits", getattr(optimizer, "moment_bits", 32)) == 8:
         return "8-bit moments (block-wise quantisation across shard boundaries) are not supported on DTensors yet"
-    if "rank" in group and group.get("approach", 3) != 3:
-        return "GaLore-mini's ablations (approach 1 and 2) run in one process only; use approach=3"
     return None
 
 
@@ -244,7 +272,7 @@ def check_group(optimizer, group: dict) -> None:
     if why:
         index = flags.index(True)
         raise UsageError(f"{name}: {_describe(params[index], group, index)} is a DTensor (FSDP2-sharded): {why}. "
-                         "Use GaLoreAdamW, GaLoreMini (approach 3) or AdamMini with fp32 moments")
+                         "Use fp32 moments (GaLoreAdamW, GaLoreMini, GaLoreAdafactor or AdamMini)")
     for index, p in enumerate(params):
         if flags[index]:
             shard_spec(p, group, index)
@@ -641,7 +669,8 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
     # block sums of squares of the local rows; they double as the finiteness probe (the gradient is read once)
     layouts, sums = [], []
     for p, g, group, spec in work:
-        layout = ShardLayout(optimizer._block_layout(p.shape, group), spec) if optimizer.uses_blocks else None
+        blocks = _grad_blocks(optimizer, p, group)
+        layout = ShardLayout(blocks, spec) if blocks is not None else None
         blocked = layout is not None and layout.kind != "elementwise"
         layouts.append(layout)
         sums.append(layout.partial_sums(g) if blocked else None)
@@ -673,12 +702,24 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         side = resolve_side(group["proj_type"], p.shape)
         optimizer._install_projector(p, group, views[i], side, steps[i], new, steps[i] > 1,
                                      shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group)))
-    # every sum this step needs, in one all-reduce: left projections and block sums of squares
+    # every sum this step needs, in one all-reduce: left projections, block sums of squares and what
+    # the optimizer's own update sums over all of W's rows (``_shard_sums``)
     pieces, owners = [], []
-    for index, ((p, g, group, spec), view) in enumerate(zip(ready, views)):
+    shard_steps = []
+    for index, ((p, g, group, spec), view, t) in enumerate(zip(ready, views, steps)):
         if sums[index] is not None:
-            pieces.append((spec if layouts[index].needs_reduction else _NO_GROUP, sums[index]))
-            owners.append(("sums", index))
+            if not layouts[index].needs_reduction:
+                layouts[index].set_sums(sums[index])  # local: ready for ``_shard_sums``
+            else:
+                pieces.append((spec, sums[index]))
+                owners.append(("sums", index, None))
+        ps = _shard_step_class()(local(p), g if g.dtype == torch.float32 else g.float(), view, group, t,
+                                 resolve_side(group["proj_type"], p.shape) if "rank" in group else None,
+                                 layouts[index], None, spec, p.shape)
+        shard_steps.append(ps)
+        for name, part in optimizer._shard_sums(ps).items():
+            pieces.append((spec, part.float()))
+            owners.append(("across", index, name))
         if "rank" in group:
             side = resolve_side(group["proj_type"], p.shape)
             if side in ("left", "full"):
@@ -687,22 +728,18 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
                 if side == "full":
                     low = low @ view["projector_right"].t()
                 pieces.append((spec, low.float()))
-                owners.append(("low", index))
-    lows: dict[int, torch.Tensor] = {}
-    for (kind, index), value in zip(owners, _reduce_flat(pieces)):
+                owners.append(("low", index, None))
+    for (kind, index, name), value in zip(owners, _reduce_flat(pieces)):
         if kind == "sums":
             layouts[index].set_sums(value)
+        elif kind == "low":
+            shard_steps[index]._low = value
         else:
-            lows[index] = value
-    for index, ((p, g, group, spec), view, t) in enumerate(zip(ready, views, steps)):
-        grad = g if g.dtype == torch.float32 else g.float()
+            shard_steps[index].across[name] = value
+    for (p, _, group, _), view, ps in zip(ready, views, shard_steps):
         view["step"] += 1
-        side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
-        ps = _shard_step_class()(local(p), grad, view, group, t, side, layouts[index], lows.get(index))
         optimizer._apply(local(p), group, optimizer._update(ps))
 
-
-_NO_GROUP = ShardSpec(None, (), None, 0, 0, 0)
 
 
 def _proj_dtype(group: dict) -> torch.dtype:
@@ -719,15 +756,26 @@ def _shard_step_class():
     class ShardStep(ParamStep):
         """A :class:`ParamStep` on local shards, whose left projection was reduced across ranks already."""
 
-        def __init__(self, param, grad, state, group, t, side, layout, low):
+        def __init__(self, param, grad, state, group, t, side, layout, low, spec=None, shape=None):
             super().__init__(param, grad, state, group, t, side, layout)
-            self._low = low
+            self._low, self._right = low, None
+            self.spec, self._shape = spec, torch.Size(shape if shape is not None else param.shape)
+            self.across = {}
+
+        @property
+        def shape(self):
+            return self._shape
 
         def project(self, g):
             if self._low is not None and g is self.grad:
                 return self._low
             if self.side in ("left", "full"):
                 raise RuntimeError("internal: a left projection of a sharded weight must be reduced across ranks")
+            if self.side == "right" and g is self.grad:
+                # local; kept, as ``_shard_sums`` and ``_update`` both read it
+                if self._right is None:
+                    self._right = super().project(g)
+                return self._right
             return super().project(g)
 
     return ShardStep

@@ -46,6 +46,7 @@ from galore_mini.optim import multi_tensor
 from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.capturable import CapturableMixin
 from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
+from galore_mini.optim.distributed import ShardLayout
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
 APPROACHES = (1, 2, 3)
@@ -126,6 +127,41 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
         layout.update(self._moment("exp_avg_sq", v_shape, group))
         return layout
 
+    def _shard_sums(self, ps: ParamStep) -> dict:
+        """This rank's parts of what the ablations sum over all of W's rows (FSDP2; approach 3 needs
+        nothing beyond the step's own block sums). Approach 1 on a right projection: the block sums of
+        squares of R's local rows, for blocks other than one per row (those are local). Approach 2 where
+        the blocks run along the projected axis and `v` is per row of W (sharded): the local sum of the
+        new √v̂, whose mean over all rows scales M̂. Left projections reduce R itself: nothing more."""
+        group = ps.group
+        approach = group["approach"] if ps.projected else 3
+        if approach == 1 and ps.side == "right":
+            layout = ShardLayout(self._v_layout(ps.shape, group), ps.spec)
+            return {"low_rank_blocks": layout.partial_sums(ps.project(ps.grad))} if layout.needs_reduction else {}
+        if approach == 2 and self._collapses(ps.layout, ps.side) and ps.layout.kind != "elementwise" \
+                and ps.layout.local_v:
+            beta1, beta2 = group["betas"]
+            v = ps._read("exp_avg_sq", (ps.layout.n_blocks,), signed=False).clone()
+            v.mul_(beta2).add_(ps.layout.block_mean_sq(ps.grad), alpha=1.0 - beta2)
+            return {"sqrt_v": (v.sqrt() / ps.bias_corrections(beta1, beta2)[1] ** 0.5).sum()}
+        return {}
+
+    def _low_rank_blocks(self, ps: ParamStep, low):
+        """Approach 1's blocks on R; on a sharded right projection, with block means over all of R's rows."""
+        blocks = self._v_layout(ps.shape, ps.group)
+        if ps.across is None or ps.side != "right":
+            return blocks
+        layout = ShardLayout(blocks, ps.spec)
+        sums = ps.across.get("low_rank_blocks")
+        layout.set_sums(sums if sums is not None else layout.partial_sums(low))
+        return layout
+
+    @staticmethod
+    def _collapses(layout, side) -> bool:
+        """Approach 2: whether the blocks do not survive the projection (their √v̂ collapse to a mean)."""
+        base = getattr(layout, "base", layout)  # a sharded step's ShardLayout wraps the weight's BlockLayout
+        return not (base.kind == "axis" and base.axis == _surviving_axis(side))
+
     def _update(self, ps: ParamStep):
         group = ps.group
         beta1, beta2 = group["betas"]
@@ -133,7 +169,7 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
         approach = group["approach"] if ps.projected else 3
         if approach == 1:
             low = ps.project(ps.grad)
-            blocks = self._v_layout(ps.param.shape, group)
+            blocks = self._low_rank_blocks(ps, low)
             v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
             m = ps.ema("exp_avg", low, beta1)
             denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
@@ -145,9 +181,11 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
             inverse_denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]).reciprocal_())
             return Update(ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom)
         # approach 2: divide in the low-rank space
-        layout = ps.layout
-        if layout.kind == "axis" and layout.axis == _surviving_axis(ps.side):
-            denom = BlockLayout("axis", tuple(m.shape), layout.axis, layout.runs).expand(v_hat_sqrt.add_(group["eps"]))
+        if not self._collapses(ps.layout, ps.side):
+            # the surviving axis is the same in W and in M (rows of a right projection, columns of a left one)
+            denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]))
+        elif ps.across is not None and "sqrt_v" in ps.across:  # v per row of W, rows split over ranks
+            denom = (ps.across["sqrt_v"] / ps.shape[0]).add_(group["eps"])
         else:
             denom = v_hat_sqrt.mean().add_(group["eps"])
         return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
