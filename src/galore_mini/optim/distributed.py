@@ -510,12 +510,6 @@ def projector_refresh(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, me
     return {key: value.to(dtype).contiguous() for key, value in out.items()}
 
 
-def compute_projector_sharded(spec: ShardSpec, g: torch.Tensor, rank: int, side: str, method: str,
-                              state: dict, generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One weight's :func:`projector_refresh`, run on its own."""
-    return run_in_lockstep([projector_refresh(spec, g, rank, side, method, state, generator, dtype)])[0]
-
-
 def run_in_lockstep(refreshes: list) -> list:
     """Run refresh generators side by side and return what each returns.
 
