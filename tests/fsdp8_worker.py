@@ -28,6 +28,10 @@ OPTIMIZERS = {
     # rotates the sharded 8-bit moments at each refresh (read, rotate, write: a flush before the update)
     "galore_8bit_project": dict(method="galore_8bit", lr=1e-2, rank=4, update_proj_gap=2, proj_method="power",
                                 moment_policy="project", min_8bit_size=1),
+    "galore_8bit_svd": dict(method="galore_8bit", lr=1e-2, rank=4, update_proj_gap=2, proj_method="svd",
+                            proj_type="right", min_8bit_size=1),
+    "galore_mini_8bit_svd": dict(method="galore_mini_8bit", lr=1e-2, rank=4, update_proj_gap=2, proj_method="svd",
+                                 proj_type="right", min_8bit_size=1),
     "galore_mini_8bit": dict(method="galore_mini_8bit", lr=1e-2, rank=4, update_proj_gap=2, weight_decay=0.1,
                              min_8bit_size=1),
 }
@@ -66,7 +70,7 @@ def assert_same_codes(opt, ref_opt, what: str) -> dict:
             kind = "rows" if local.dim() == 2 else "flat"
             seen[kind] += 1
             ref_codes, ref_absmax = ref_state[key], ref_state[key + "_absmax"]
-            cols = ref_codes.numel() // local.shape[0] if kind == "rows" else 0
+            cols = ref_codes.numel() // value.shape[0] if kind == "rows" else 0
             if kind == "rows":
                 # codes sharded by rows like W: this rank holds its rows only
                 assert tuple(value.shape) == (ref_codes.numel() // cols, cols), (what, key, value.shape)
@@ -125,14 +129,82 @@ def check_quantizer(report: dict) -> None:
             assert torch.equal(back.reshape(-1), quant.dequantize(codes, absmax, signed)), (m, cols, signed)
 
 
+def check_exact(report: dict) -> None:
+    """Bit-identical gradients in (each rank gets its rows of the one-process gradient): with the exact
+    SVD refresh (identical projectors) and right projections only (no reduction in the step), the
+    sharded 8-bit step quantises exactly as one process: codes and absmax equal bit for bit, after 4
+    steps, and GaLoreAdamW8bit's weights too."""
+    from torch.distributed.tensor import DTensor
+
+    for kind, name in (("llama", "galore_8bit_svd"), ("qwen2", "galore_mini_8bit_svd")):
+        reference = tiny_model(kind)
+        model = shard(copy.deepcopy(reference))
+        ref_opt, opt = make_optimizer(reference, name), make_optimizer(model, name)
+        ref_params = dict(reference.named_parameters())
+        for x in batches(kind, 4):
+            loss_of(reference, x).backward()
+            for n, p in model.named_parameters():
+                spec = distributed.shard_spec(p)
+                g = spec.local_rows(ref_params[n].grad).clone()
+                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                            stride=p.stride())
+            for o in (ref_opt, opt):
+                o.step()
+                o.zero_grad()
+        seen = assert_same_codes(opt, ref_opt, f"exact {kind}/{name}")
+        assert seen["rows"] > 0
+        # GaLore-mini's per-head v sums squares across ranks (round-off); GaLoreAdamW's step reduces nothing
+        assert_same_params(model, reference, f"exact {kind}/{name}", exact=name == "galore_8bit_svd")
+
+
+def assert_close_but_for_code_flips(sharded, reference, what: str, lr: float) -> None:
+    """FSDP2's reduce-scatter sums the gradient in another order than one process, so a moment entry
+    within round-off of a code boundary can take the neighbouring code (seen: 1-3 of ~50k weights per
+    run). Every weight is within a fraction of a step of one process's, and all but 1 in 2000 within
+    test_fsdp's fp32 tolerance; a wrong block or boundary would move whole blocks of 256."""
+    ref = dict(reference.named_parameters())
+    total = over = 0
+    for name, p in sharded.named_parameters():
+        full, r = whole(p).detach(), ref[name].detach()
+        diff = (full - r).abs()
+        over += int((diff > RTOL * r.abs() + STEP_FRACTION * lr).sum())
+        total += r.numel()
+        assert float(diff.max()) <= 0.25 * lr, f"{what}: {name} differs by {float(diff.max()):.3g}"
+    assert over <= total // 2000, f"{what}: {over} of {total} weights beyond fp32 round-off"
+
+
+def assert_codes_near(opt, ref_opt, what: str) -> None:
+    """Codes agree but for isolated flips at code boundaries (see above; 13 of 21824 seen with
+    moment_policy="project", whose rotations carry a flip into other entries); absmax to round-off.
+    The exact agreement of the quantisation itself is check_exact's and check_quantizer's."""
+    total = differ = 0
+    for state, ref_state in zip(ordered_states(opt), ordered_states(ref_opt)):
+        for key, value in state.items():
+            if value.dtype != torch.uint8:
+                continue
+            ref_codes, ref_absmax = ref_state[key], ref_state[key + "_absmax"]
+            cols = ref_codes.numel() // value.shape[0] if value.dim() == 2 else 0
+            codes = as_flat(whole(value), ref_codes, cols, False)
+            absmax = as_flat(whole(state[key + "_absmax"]), ref_absmax, cols, True)
+            total += codes.numel()
+            differ += int((codes != ref_codes).sum())
+            torch.testing.assert_close(absmax, ref_absmax, rtol=1e-3, atol=0, msg=lambda m: f"{what}: {key}: {m}")
+    assert differ <= total // 500, f"{what}: {differ} of {total} codes differ"
+
+
 def check_parity(report: dict) -> None:
     cases = [("llama", "galore_8bit"), ("qwen2", "galore_8bit"), ("llama", "galore_8bit_project"),
              ("qwen2", "galore_mini_8bit")]
     for kind, name in cases:
         model, opt, reference, ref_opt = train_pair(kind, name, steps=4)
         what = f"{kind}/{name}"
-        assert_same_params(model, reference, what, OPTIMIZERS[name]["lr"])
-        seen = assert_same_codes(opt, ref_opt, what)
+        assert_close_but_for_code_flips(model, reference, what, OPTIMIZERS[name]["lr"])
+        assert_codes_near(opt, ref_opt, what)
+        seen = {"rows": 0, "flat": 0}
+        for state in opt.state.values():
+            for value in state.values():
+                if value.dtype == torch.uint8:
+                    seen["rows" if distributed.local(value).dim() == 2 else "flat"] += 1
         assert seen["rows"] > 0, (what, seen)
         if kind == "qwen2" and name == "galore_8bit":
             assert seen["flat"] > 0, (what, seen)  # left projections' replicated moments
@@ -221,7 +293,7 @@ def check_checkpoints(report: dict, out: Path) -> None:
         report.setdefault("resharded", []).append(f"{other.name}->{world}")
 
 
-CHECKS = {"quantizer": check_quantizer, "parity": check_parity}
+CHECKS = {"quantizer": check_quantizer, "exact": check_exact, "parity": check_parity}
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:

@@ -87,7 +87,7 @@ def test_fsdp2_8bit_matches_one_process_resumes_and_reshards(tmp_path):
     import fsdp8_worker
 
     fsdp8_worker.one_process_checkpoint(tmp_path)
-    three = spawn(3, ["quantizer", "parity", "checkpoints"], tmp_path)
+    three = spawn(3, ["quantizer", "exact", "parity", "checkpoints"], tmp_path)
     two = spawn(2, ["checkpoints"], tmp_path)
     assert three["resharded"] == ["ckpt-1->3"]
     assert two["resharded"] == ["ckpt-1->2", "ckpt-3->2"]

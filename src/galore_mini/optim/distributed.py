@@ -484,8 +484,9 @@ class RowQuantizer:
                 if not w.straddling:
                     continue
                 mine = [k for k, s in enumerate(w.slots) if s >= 0]
-                w.block_max.index_reduce_(0, torch.tensor([w.slots[k] for k in mine], device=maxima.device),
-                                          maxima[mine], "amax")
+                # the reduced max covers this rank's part too (several boundaries may share a block)
+                w.block_max.scatter_reduce_(0, torch.tensor([w.slots[k] for k in mine], device=maxima.device),
+                                            maxima[mine], "amax")
                 rows, cols = w.codes.shape
                 _, lead, _, table_index, table_mask, _, _ = _row_blocks(w.offset, rows, cols, w.codes.device)
                 recoded = torch.empty(w.values.shape, dtype=torch.uint8, device=w.values.device)
