@@ -390,7 +390,6 @@ def check_bad_input(report: dict) -> None:
                        "'tp.weight'", "Shard(dim=1)", "Shard(0)")
     expect_usage_error(lambda: gm.AdamMini([by_cols]), "Shard(dim=1)")
     expect_usage_error(lambda: gm.GaLoreMini([{"params": [by_rows, plain], "rank": 2}]), "mixes DTensor", "[12, 16]")
-    expect_usage_error(lambda: gm.GaLoreAdamW8bit([{"params": [by_rows], "rank": 2}]), "8-bit", "GaLoreAdamW")
     expect_usage_error(lambda: gm.GaLoreAdafactor([{"params": [by_rows], "rank": 2}]), "GaLoreAdafactor")
     expect_usage_error(lambda: gm.GaLoreMini([{"params": [by_rows], "rank": 2}], approach=1), "approach")
     # plain and sharded parameters in separate groups are fine; a gradient replaced by hand is not
