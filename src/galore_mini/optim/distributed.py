@@ -20,6 +20,13 @@ the gradient rows FSDP2's reduce-scatter handed it, and the arithmetic is the on
   sums of squares of the local rows are summed across ranks.
 * **Non-finite gradients**: one flag per parameter, reduced, so a NaN on one rank skips that
   parameter on every rank.
+* **8-bit moments** (``GaLoreAdamW8bit``, ``moment_bits=8``): quantised in one process's global
+  blocks of 256 consecutive entries, so every entry gets the code one process gives it. A moment laid
+  out like W's rows keeps its codes as an (m, cols) uint8 DTensor and its block absmax "row-expanded"
+  as an (m, K) one, both sharded with the rows (see "8-bit moments across shards" below); a block that
+  straddles a shard boundary takes its max across ranks: world − 1 values per such tensor, all of a
+  step in one all-reduce (MAX) per process group (one more after a refresh that rotates them,
+  ``moment_policy="project"``). Replicated 8-bit moments (left projections) are flat, as in one process.
 
 All sums of a step (left projections and block sums of every parameter) travel in **one**
 all-reduce per process group, plus one for the finiteness flags (which the one-process step reads
@@ -36,15 +43,16 @@ takes the exact SVD on every rank: the slow reference. ``docs/distributed.md`` h
 
 **State** is DTensors on the parameter's mesh: ``Shard(0)`` for anything laid out like the rows of W
 (full-size moments, low-rank moments of a right projection, a left projector, per-row ``v``),
-``Replicate()`` for the rest (right projectors, left-projection moments, head / tensor ``v``); step
+``Replicate()`` for the rest (right projectors, left-projection moments, head / tensor ``v``); 8-bit
+moments laid out by rows in their row form (codes m×cols, absmax m×K: the same at every world size); step
 counters and the refresh schedule stay plain host tensors (identical on every rank). So
 ``torch.distributed.checkpoint`` saves, loads and reshards the optimizer like the model.
 
 **Supported placements**: ``Shard(0)`` on one mesh dimension and ``Replicate()`` on any others (FSDP2,
 HSDP), or all-``Replicate``. ``Shard(1)`` (tensor parallelism), ``_StridedShard``, ``Partial`` and a
 projected group that mixes DTensor and plain parameters are refused with a :class:`UsageError`.
-Not yet on DTensors: ``GaLoreAdafactor``, 8-bit moments (``GaLoreAdamW8bit``, ``moment_bits=8``),
-GaLore-mini's ablations (approach 1 and 2); they raise at construction. DTensor parameters take the
+Not yet on DTensors: ``GaLoreAdafactor``, GaLore-mini's ablations (approach 1 and 2); they raise at
+construction. DTensor parameters take the
 single-tensor reference step (the multi-tensor path is one-process only for now).
 
 Example (``torchrun --nproc_per_node 2 train.py``)::
@@ -77,7 +85,8 @@ try:  # torch >= 2.4
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing to shard
     DTensor = None
 
-__all__ = ["is_dtensor", "ShardSpec", "shard_spec", "shard_rows", "sharded_keys", "unsupported_reason"]
+__all__ = ["is_dtensor", "ShardSpec", "shard_spec", "shard_rows", "sharded_keys", "unsupported_reason",
+           "sharded_layout", "fit_to_checkpoint"]
 
 
 def is_dtensor(t) -> bool:
