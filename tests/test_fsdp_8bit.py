@@ -10,7 +10,6 @@ resume both, one process resumes the sharded ones. Unit tests of the row form ne
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest

@@ -404,7 +404,8 @@ def rows_dequantize(codes: torch.Tensor, table: torch.Tensor, offset: int, signe
     book, _ = quant._codebook(signed, codes.device)
     values = book[codes.reshape(-1).long()]
     absmax = table[block_row, block_slot]
-    return (_padded_blocks(values, lead, n_local) * absmax[:, None]).reshape(-1)[lead:lead + rows * cols].view(rows, cols)
+    product = (_padded_blocks(values, lead, n_local) * absmax[:, None]).reshape(-1)
+    return product[lead:lead + rows * cols].view(rows, cols)
 
 
 def rows_to_flat_absmax(table: torch.Tensor, cols: int) -> torch.Tensor:
