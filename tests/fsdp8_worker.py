@@ -297,9 +297,18 @@ CHECKS = {"quantizer": check_quantizer, "exact": check_exact, "parity": check_pa
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
+    import importlib
+
+    from galore_mini.train.loop import leave_distributed
+
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # imported before the group exists, so its `group=group.WORLD` defaults do not pin the world group
+    # past destroy_process_group (gloo's threads would then outlive the interpreter: "terminate called
+    # without an active exception", SIGABRT; see "DDP" in docs/pretraining.md)
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    clean = False
     try:
         report: dict = {}
         for check in checks:
@@ -310,8 +319,9 @@ def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> N
             dist.barrier()
         if rank == 0:
             Path(out, f"report-{world}.json").write_text(json.dumps(report))
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave_distributed(clean)  # a barrier when all went well, gc, destroy_process_group
 
 
 def one_process_checkpoint(out: Path) -> None:
