@@ -392,7 +392,6 @@ def check_bad_input(report: dict) -> None:
                        "'tp.weight'", "Shard(dim=1)", "Shard(0)")
     expect_usage_error(lambda: gm.AdamMini([by_cols]), "Shard(dim=1)")
     expect_usage_error(lambda: gm.GaLoreMini([{"params": [by_rows, plain], "rank": 2}]), "mixes DTensor", "[12, 16]")
-    expect_usage_error(lambda: gm.GaLoreAdamW8bit([{"params": [by_rows], "rank": 2}]), "8-bit", "GaLoreAdamW")
     # plain and sharded parameters in separate groups are fine; a gradient replaced by hand is not
     opt = gm.GaLoreMini([{"params": [by_rows], "rank": 2}, {"params": [plain]}])
     by_rows.grad = distribute_tensor(torch.ones(12, 16), mesh, [Replicate()])

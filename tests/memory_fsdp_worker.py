@@ -26,6 +26,9 @@ CASES = {
     "galore_full": dict(method="galore", proj_type="full"),
     "adam_mini": dict(method="adam_mini"),
     "full": dict(method="full"),
+    # every moment 8-bit (the tiny model's are below the default 4096 entries): row-form codes and absmax
+    "galore_8bit": dict(method="galore_8bit", min_8bit_size=1),
+    "galore_mini_8bit": dict(method="galore_mini_8bit", min_8bit_size=1),
 }
 
 

@@ -186,7 +186,7 @@ def test_fsdp_one_process_bf16_policy_and_refusals(tmp_path):
         loop.leave_distributed()
 
 
-@pytest.mark.parametrize("method", ["galore_8bit", "galore_mini_8bit", "relora"])
+@pytest.mark.parametrize("method", ["relora"])
 def test_fsdp_refuses_methods_without_a_dtensor_path(tmp_path, method):
     with pytest.raises(UsageError, match=f"--fsdp with --method={method}"):
         loop.make_config(method=method, fsdp=True)

@@ -524,7 +524,7 @@ def test_cli_plot(tmp_path, capsys):
     (["--model", "/nonexistent/config.json"], "no such config file"),
     (["--world-size", "0"], "--world-size=0 must be a positive integer"),
     (["--model", "tiny", "--world-size", "2", "--measure"], "--measure takes one step in one process"),
-    (["--model", "tiny", "--method", "galore_mini_8bit", "--world-size", "2"], "method='galore_mini_8bit'"),
+    (["--model", "tiny", "--method", "galore_adafactor", "--world-size", "2"], "method='galore_adafactor'"),
 ])
 def test_cli_bad_input_is_one_clear_line(capsys, argv, message):
     assert cli.main(["memory", *argv]) == 2
@@ -704,7 +704,7 @@ def test_fsdp_one_uneven_weight_by_hand():
     assert est.optimizer_by_role["norm"] == 3 * (12 * 4 + 4 + 4)  # 35 rows → 12 on rank 0; one v per norm
 
 
-@pytest.mark.parametrize("method, needle", [("galore_8bit", "8-bit"), ("lora", "adapter")])
+@pytest.mark.parametrize("method, needle", [("lora", "adapter")])
 def test_fsdp_unsupported_methods_are_named(method, needle):
     with pytest.raises(gm.UsageError, match=needle) as info:
         estimate("tiny", method, world_size=2)

@@ -399,7 +399,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     rank holds under FSDP2 (``fully_shard``), for rank 0, which holds the most (⌈m/N⌉ rows of every
     weight); state laid out by W's rows (:func:`galore_mini.optim.distributed.sharded_keys`) counts
     that rank's rows, the rest counts whole; ``rank_bytes`` lists every rank. Methods the sharded step
-    refuses (8-bit moments), the adapter baselines and ``layerwise`` raise. Bad input
+    refuses (GaLoreAdafactor on parameters of more than 2 dimensions), the adapter baselines and
+    ``layerwise`` raise. Bad input
     raises :class:`~galore_mini.errors.UsageError`.
 
     Example::
@@ -527,8 +528,7 @@ def _check_fsdp_optimizer(method: str, optimizer) -> None:
         why = unsupported_reason(optimizer, group)
         if why:
             raise UsageError(f"world_size > 1 with method={method!r}: {why}, so this method cannot run under FSDP2; "
-                             "use a method with fp32 moments (galore, galore_mini and its ablations, galore_adafactor, "
-                             "adam_mini or full), or world_size=1")
+                             "use another method, or world_size=1")
 
 
 def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: int, rank: int) -> dict[str, Any]:
@@ -539,7 +539,7 @@ def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: in
     rank. Optimizer state: the keys laid out like the weight's rows, cut to the rows this rank holds
     (unpadded: the state DTensors are allocated at the local shape); the others whole.
     """
-    from galore_mini.memory.layout import rank_layout, sharded_state_keys
+    from galore_mini.memory.layout import rank_layout, sharded_layout, sharded_state_keys
     from galore_mini.optim.distributed import shard_rows
 
     def padded_rows(p) -> int:
@@ -554,6 +554,7 @@ def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: in
     per_param, by_key, by_role = [], {}, dict.fromkeys(ROLE_GROUPS, 0)
     for (p, layout), group in zip(layouts, groups):
         if world > 1:
+            layout = sharded_layout(optimizer, p, group, layout)
             sharded = sharded_state_keys(optimizer, p, group)
             wrong = [key for key in sharded if layout[key][0][:1] != tuple(p.shape[:1])]
             if wrong:  # a sharded key must be laid out like the rows of W

@@ -86,6 +86,16 @@ def sharded_state_keys(optimizer: torch.optim.Optimizer, p: torch.Tensor, group:
                      "galore-mini's optimizers and torch's Adam/AdamW")
 
 
+def sharded_layout(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict, layout: Layout) -> Layout:
+    """`p`'s `layout` as FSDP2 allocates it (global shapes): galore-mini's 8-bit moments laid out by W's
+    rows take their row form (codes m×cols, absmax m×K: :func:`galore_mini.optim.distributed.sharded_layout`);
+    everything else is as in one process."""
+    from galore_mini.optim import distributed
+    from galore_mini.optim.core import ComposedOptimizer
+
+    return distributed.sharded_layout(optimizer, p, group) if isinstance(optimizer, ComposedOptimizer) else layout
+
+
 def rank_layout(layout: Layout, sharded: set[str], rows: int) -> Layout:
     """One rank's part of a parameter's `layout`: the `sharded` keys cut to `rows` rows, the others whole."""
     return {key: ((rows, *shape[1:]) if key in sharded else shape, dtype) for key, (shape, dtype) in layout.items()}

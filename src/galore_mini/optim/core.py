@@ -700,7 +700,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if had_projector:
             needs_old = group["moment_policy"] == "project" or group["adaptive_gap"]
             old = shard.whole(state) if shard is not None and needs_old else state
-            self._on_subspace_change(group, old, side, new)
+            self._on_subspace_change(group, old, side, new, shard)
             if group["adaptive_gap"]:
                 self._adapt_gap(group, old, side, new)
         for key, value in new.items():
@@ -712,7 +712,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
             gap = max(1, gap - (position * gap) // len(group["params"]))
         refresh[0] = t + gap
 
-    def _on_subspace_change(self, group, state, side: str, new: dict[str, torch.Tensor]) -> None:
+    def _on_subspace_change(self, group, state, side: str, new: dict[str, torch.Tensor],
+                            shard: "distributed.ShardedProjectors | None" = None) -> None:
         policy = group["moment_policy"]
         if policy == "keep":
             return
@@ -727,7 +728,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     buf.zero_()
             return
         # "project": carry the moments into the new basis
-        ps = ParamStep(None, None, state, group, 0, side, None)
+        ps = shard.param_step(state, group, side) if shard is not None else ParamStep(None, None, state, group, 0,
+                                                                                        side, None)
         for key in low_rank_keys:
             signed = not key.startswith("exp_avg_sq")
             current = ps._read(key, self._low_rank_shape_of(state, side), signed).clone()
@@ -804,12 +806,13 @@ class ComposedOptimizer(torch.optim.Optimizer):
                     raise UsageError(f"optimizer checkpoint holds state {key!r} that {type(self).__name__} does not "
                                      "use with these options; was it saved with different settings?")
                 dims, _ = expected[key]
-                if tuple(value.shape) != tuple(dims):
+                # a sharded run's 8-bit moments are laid out by rows (see distributed.eight_bit_keys)
+                if tuple(value.shape) not in distributed.loadable_shapes(self, p, groups[id(p)], key, dims):
                     raise UsageError(
                         f"optimizer checkpoint state {key!r} has shape {list(value.shape)} but a parameter of shape "
                         f"{list(p.shape)} with these options needs {list(dims)} (different rank or model?)"
                     )
-                if distributed.is_dtensor(value) or distributed.is_dtensor(p):
+                if distributed.is_dtensor(value) or distributed.is_dtensor(p) or tuple(value.shape) != tuple(dims):
                     restored[key] = distributed.to_state_tensor(self, p, groups[id(p)], key, value)
                 else:
                     restored[key] = value.to("cpu" if key in HOST_STATE else p.device).clone()
