@@ -9,13 +9,12 @@ uint8 codes in the row form (see ``galore_mini.optim.distributed``).
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import fsdp_worker
 import galore_mini as gm
 from galore_mini.optim import distributed, quant
 from fsdp_worker import RTOL, STEP_FRACTION, assert_same_params, batches, local_batch, loss_of, shard, tiny_model
@@ -175,9 +174,11 @@ def assert_close_but_for_code_flips(sharded, reference, what: str, lr: float) ->
 
 def assert_codes_near(opt, ref_opt, what: str) -> None:
     """Codes agree but for isolated flips at code boundaries (see above; 13 of 21824 seen with
-    moment_policy="project", whose rotations carry a flip into other entries); absmax to round-off.
+    moment_policy="project", whose rotations carry a flip into other entries) and for the low-rank
+    coordinates of a basis vector whose sign came out the other way (64 entries, one column of a
+    64×4 moment, seen with the global batch of 12); absmax to round-off.
     The exact agreement of the quantisation itself is check_exact's and check_quantizer's."""
-    total = differ = 0
+    total = differ = worst = sign_flipped = 0
     for state, ref_state in zip(ordered_states(opt), ordered_states(ref_opt)):
         for key, value in state.items():
             if value.dtype != torch.uint8:
@@ -186,10 +187,22 @@ def assert_codes_near(opt, ref_opt, what: str) -> None:
             cols = ref_codes.numel() // value.shape[0] if value.dim() == 2 else 0
             codes = as_flat(whole(value), ref_codes, cols, False)
             absmax = as_flat(whole(state[key + "_absmax"]), ref_absmax, cols, True)
+            flips = (codes != ref_codes).reshape(-1)
+            if not key.startswith("exp_avg_sq"):
+                # a basis vector whose sign came out the other way (round-off at a refresh can decide it; the
+                # update is the same, the params are checked) negates its low-rank coordinate: the signed
+                # codebook is symmetric, so -x has code 2·127 - c exactly
+                negated = (codes.int() + ref_codes.int() == 2 * quant.SIGNED_ZERO_CODE).reshape(-1)
+                sign_flipped += int((flips & negated).sum())
+                flips &= ~negated
             total += codes.numel()
-            differ += int((codes != ref_codes).sum())
+            differ += int(flips.sum())
+            # a flip at a code boundary moves to a neighbouring code (two apart across the signed zero code)
+            steps_apart = (codes.int() - ref_codes.int()).abs().reshape(-1)[flips]
+            worst = max(worst, int(steps_apart.max()) if steps_apart.numel() else 0)
             torch.testing.assert_close(absmax, ref_absmax, rtol=1e-3, atol=0, msg=lambda m: f"{what}: {key}: {m}")
-    assert differ <= total // 500, f"{what}: {differ} of {total} codes differ"
+    assert differ <= total // 500 and worst <= 2, f"{what}: {differ} of {total} codes differ, up to {worst} codes apart"
+    assert sign_flipped <= total // 50, f"{what}: {sign_flipped} of {total} codes negated"
 
 
 def check_parity(report: dict) -> None:
@@ -293,35 +306,11 @@ def check_checkpoints(report: dict, out: Path) -> None:
         report.setdefault("resharded", []).append(f"{other.name}->{world}")
 
 
-CHECKS = {"quantizer": check_quantizer, "exact": check_exact, "parity": check_parity}
+CHECKS = {"checkpoints": check_checkpoints, "quantizer": check_quantizer, "exact": check_exact, "parity": check_parity}
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
-    import importlib
-
-    from galore_mini.train.loop import leave_distributed
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # imported before the group exists, so its `group=group.WORLD` defaults do not pin the world group
-    # past destroy_process_group (gloo's threads would then outlive the interpreter: "terminate called
-    # without an active exception", SIGABRT; see "DDP" in docs/pretraining.md)
-    importlib.import_module("torch.distributed.nn.functional")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    clean = False
-    try:
-        report: dict = {}
-        for check in checks:
-            if check == "checkpoints":
-                check_checkpoints(report, Path(out))
-            else:
-                CHECKS[check](report)
-            dist.barrier()
-        if rank == 0:
-            Path(out, f"report-{world}.json").write_text(json.dumps(report))
-        clean = True
-    finally:
-        leave_distributed(clean)  # a barrier when all went well, gc, destroy_process_group
+    fsdp_worker.run_checks(CHECKS, rank, world, init_file, checks, out)
 
 
 def one_process_checkpoint(out: Path) -> None:

@@ -8,13 +8,12 @@ relative step needs ``lr=None``, which ``create_optimizer`` does not pass, so th
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import fsdp_worker
 import galore_mini as gm
 from fsdp_worker import (assert_same_params, batches, check_projectors_identical, check_state_layout, dcp_load,
                          dcp_state, digest, local_batch, loss_of, run_steps, shard, tiny_model)
@@ -145,26 +144,12 @@ def check_estimate(report: dict) -> None:
         assert opt.state_bytes() == held, (method, opt.state_bytes(), held)
 
 
-CHECKS = {"parity": check_parity, "placements": check_state_placements, "bad_input": check_bad_input,
+CHECKS = {"checkpoints": check_checkpoints, "parity": check_parity, "placements": check_state_placements, "bad_input": check_bad_input,
           "estimate": check_estimate}
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        report: dict = {}
-        for check in checks:
-            if check == "checkpoints":
-                check_checkpoints(report, Path(out))
-            else:
-                CHECKS[check](report)
-            dist.barrier()
-        if rank == 0:
-            Path(out, f"report-{world}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+    fsdp_worker.run_checks(CHECKS, rank, world, init_file, checks, out)
 
 
 def one_process_resumes(out: Path, world: int) -> list[str]:

@@ -7,7 +7,9 @@ same worker. Checks raise AssertionError (which ``torch.multiprocessing.spawn`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import json
 import os
 from pathlib import Path
@@ -419,22 +421,43 @@ CHECKS = {"parity_lite": check_parity_lite, "hsdp": check_hsdp, "bad_input": che
           "checkpoints": check_checkpoints, "ddp_layerwise": check_ddp_layerwise_refused}
 
 
-def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
+@contextlib.contextmanager
+def joined_group(rank: int, world: int, init_file: str):
+    """This process in a gloo group of `world` for the block, left cleanly (see ``leave_distributed``)."""
+    from galore_mini.train.loop import leave_distributed
+
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # imported before the group exists, so its `group=group.WORLD` defaults do not pin the world group
+    # past destroy_process_group (gloo's threads would then outlive the interpreter: "terminate called
+    # without an active exception", SIGABRT; see "DDP" in docs/pretraining.md)
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    clean = False
     try:
+        yield
+        clean = True
+    finally:
+        leave_distributed(clean)  # a barrier when all went well, gc, destroy_process_group
+
+
+def run_checks(table: dict, rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
+    """Run `checks` (names in `table`; "checkpoints" also takes the output folder) on every rank; rank 0
+    writes ``report-{world}.json``."""
+    with joined_group(rank, world, init_file):
         report: dict = {}
         for check in checks:
             if check == "checkpoints":
-                check_checkpoints(report, Path(out))
+                table[check](report, Path(out))
             else:
-                CHECKS[check](report)
+                table[check](report)
             dist.barrier()
         if rank == 0:
             Path(out, f"report-{world}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+
+
+def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:
+    run_checks(CHECKS, rank, world, init_file, checks, out)
 
 
 def one_process_checkpoint(out: Path, name: str = "galore_mini") -> None:

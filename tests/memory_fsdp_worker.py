@@ -77,9 +77,9 @@ def held(case: str, mesh) -> dict:
 def run(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.device_mesh import DeviceMesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from fsdp_worker import joined_group
+
+    with joined_group(rank, world, init_file):
         report = {}
         whole = DeviceMesh.from_group(dist.group.WORLD, "cpu")
         report[str(world)] = {case: held(case, whole) for case in CASES}
@@ -87,9 +87,6 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
         if rank < 2:
             report["2"] = {case: held(case, DeviceMesh.from_group(pair, "cpu")) for case in CASES}
         Path(out, f"held-{rank}.json").write_text(json.dumps(report))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(out: Path, world: int = 3) -> list[dict]:

@@ -929,8 +929,8 @@ class ShardedProjectors:
 
     def param_step(self, state: dict, group: dict, side: str):
         """A step view of `state` (local shards) for reading and writing moments at a refresh."""
-        ps = _shard_step_class()(None, None, state, group, 0, side, None, None)
-        ps.quantizer, ps.spec = self.quantizer, self.spec
+        ps = _shard_step_class()(None, None, state, group, 0, side, None, None, self.spec)
+        ps.quantizer = self.quantizer
         return ps
 
     def local_of(self, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -1098,7 +1098,9 @@ def _shard_step_class():
         def __init__(self, param, grad, state, group, t, side, layout, low, spec=None, shape=None):
             super().__init__(param, grad, state, group, t, side, layout)
             self._low, self._right = low, None
-            self.spec, self._shape = spec, torch.Size(shape if shape is not None else param.shape)
+            # (a refresh's view of the moments has no parameter, and needs no shape)
+            whole = shape if shape is not None else (param.shape if param is not None else None)
+            self.spec, self._shape = spec, None if whole is None else torch.Size(whole)
             self.across = {}
 
         @property
