@@ -23,8 +23,10 @@ targets. ``freeze_embeddings=True`` freezes them in ``lora``, ``galore`` and ``g
 (LoRA as ``peft`` defines it by default).
 
 GaLore's fine-tuning recipe (the paper's GLUE runs, Table 7 and the repository's GLUE
-command): scale α = 4 at r = 4 and α = 2 at r = 8, i.e. ``α = 16 / r`` (our default at
-every rank), T = 500. Schedule: linear warm-up over the first 6% of updates, then linear
+command): scale α = 4 at r = 4 and α = 2 at r = 8, i.e. ``α = 16 / r`` (GaLore's default at
+every rank), T = 500. GaLore-mini takes a quarter of that, ``α = 4 / r``, at twice the learning
+rate (its own sweep, RESULTS.md): its per-row normalisation makes its step on the projected
+weights larger per unit of lr than GaLore's. ``--scale`` sets one α for both. Schedule: linear warm-up over the first 6% of updates, then linear
 decay to 0; gradients clipped to global norm 1; no weight decay; fp32.
 
 Per run (method × seed) the folder ``DIR/runs/<method>/seed<k>/`` holds ``settings.json``,
@@ -64,7 +66,6 @@ FINETUNE_METHODS = tuple(m for m in registry.names() if registry.get(m).finetune
 LORA_ALPHA = 16.0  # alpha / r equals GaLore's default scale 16 / r
 LORA_DROPOUT = 0.0
 WARMUP_RATIO = 0.06
-PAPER_SCALE_RANK = 16.0  # α·r of the paper's GLUE recipe (α=4 at r=4, α=2 at r=8)
 DEFAULT_GAP = 500
 DEFAULT_MAX_LENGTH = 128
 EXPORT_MARKER = "hf_export.json"
@@ -96,8 +97,9 @@ class FinetuneConfig:
     device: str = "auto"
     progress: bool = True
 
-    def resolved_scale(self) -> float:
-        return PAPER_SCALE_RANK / self.rank if self.scale is None else self.scale
+    def resolved_scale(self, method: str) -> float:
+        """α for `method`: ``--scale`` when given, else the registry's ``finetune_scale_rank / rank``."""
+        return registry.get(method).finetune_scale_rank / self.rank if self.scale is None else self.scale
 
     def resolved_lr(self, method: str) -> float:
         if method in self.lr:
@@ -320,7 +322,7 @@ class Setup:
         c = self.config
         return {"model": self.model_path, "model_fingerprint": self.model_fingerprint, "task": self.task.name,
                 "task_fingerprint": self.task.fingerprint(), "epochs": c.epochs, "batch_size": c.batch_size,
-                "max_length": self.max_length, "rank": c.rank, "scale": c.resolved_scale(),
+                "max_length": self.max_length, "rank": c.rank, "scale": c.scale,
                 "update_proj_gap": c.update_proj_gap, "freeze_embeddings": c.freeze_embeddings,
                 "grad_clip": c.grad_clip, "warmup_ratio": WARMUP_RATIO, "lora_alpha": LORA_ALPHA,
                 "lora_dropout": LORA_DROPOUT}
@@ -515,7 +517,7 @@ def method_optimizer(model: torch.nn.Module, method: str, config: FinetuneConfig
     lr = config.resolved_lr(method)
     if entry.kind == "adapter" or method == "full":
         return gm.create_optimizer(model, "full", lr=lr)
-    return gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(),
+    return gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(method),
                                update_proj_gap=config.update_proj_gap)
 
 
@@ -584,6 +586,7 @@ def run_settings(setup: Setup, method: str, seed: int) -> dict[str, Any]:
     """Everything one run's result depends on (a run folder made with other settings is refused)."""
     config = setup.config
     return {**setup.settings(), "method": method, "seed": seed, "lr": config.resolved_lr(method),
+            "scale": config.resolved_scale(method) if registry.get(method).projected else None,
             "layerwise": bool(config.layerwise and method == "galore_mini")}
 
 
@@ -693,7 +696,7 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
                                     else None),
               "train_seconds": train_time, "lr": settings["lr"], "layerwise": settings["layerwise"],
               "rank": config.rank if registry.get(method).ranked else None,
-              "scale": config.resolved_scale() if registry.get(method).projected else None,
+              "scale": settings["scale"],
               "update_proj_gap": config.update_proj_gap if registry.get(method).projected else None}
     if handle is not None:
         handle.remove()
@@ -739,12 +742,12 @@ def results_table(results: list[dict[str, Any]], setup: Setup) -> str:
              f"Model `{setup.config.model}`; {len(task.train):,} train / {len(task.val):,} validation examples; "
              f"metric: {METRIC_NAMES[task.metric]} (points){spread}; seeds {', '.join(map(str, seeds))}; "
              f"{setup.config.epochs} epochs, batch {setup.config.batch_size}, max length {setup.max_length}, "
-             f"rank {setup.config.rank}, GaLore scale {setup.config.resolved_scale():g}, "
-             f"T {setup.config.update_proj_gap}.", ""]
+             f"rank {setup.config.rank}, T {setup.config.update_proj_gap}, GaLore scale α per method "
+             f"(column α).", ""]
     if baseline is not None:
         lines += [f"Majority-class baseline: **{baseline:.2f}**.", ""]
     lines += ["| method | score | accuracy | trainable params | optimizer state (KiB) | vs full | peak memory (MiB) "
-              "| train s | lr |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| train s | lr | α |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full = next((r for r in results if r["method"] == "full"), None)
     for r in results:
         score = f"{r['score']:.2f}" + (f" ± {r['score_std']:.2f}" if len(r["seeds"]) > 1 else "")
@@ -755,7 +758,7 @@ def results_table(results: list[dict[str, Any]], setup: Setup) -> str:
         name = r["label"] + (" (layer-wise)" if r["layerwise"] else "")
         lines.append(f"| {name} | {score} | {acc} | {r['trainable_params']:,} | "
                      f"{r['optimizer_state_bytes'] / 1024:,.1f} | {ratio} | {peak} | {r['train_seconds']:.1f} | "
-                     f"{r['lr']:g} |")
+                     f"{r['lr']:g} | {'–' if r['scale'] is None else format(r['scale'], 'g')} |")
     lines += ["", "Optimizer state: bytes of every tensor in `optimizer.state`, measured after training. Peak memory: "
               "`torch.cuda.max_memory_allocated` (– on CPU, where it is not measured)."]
     lines += [f"Note: {n}" for n in setup.notes]
