@@ -17,7 +17,7 @@ import torch.distributed as dist
 import fsdp_worker
 import galore_mini as gm
 from galore_mini.optim import distributed, quant
-from fsdp_worker import RTOL, STEP_FRACTION, assert_same_params, batches, local_batch, loss_of, shard, tiny_model
+from fsdp_worker import RTOL, STEP_FRACTION, assert_same_params, batches, loss_of, shard, tiny_model
 
 OPTIMIZERS = {
     # qwen2's k_proj/v_proj (24×48) and down_proj (48×100) are left-projected: replicated flat 8-bit moments;
@@ -83,16 +83,7 @@ def assert_same_codes(opt, ref_opt, what: str) -> dict:
 
 
 def train_pair(kind: str, name: str, steps: int):
-    reference = tiny_model(kind)
-    model = shard(copy.deepcopy(reference))
-    ref_opt, opt = make_optimizer(reference, name), make_optimizer(model, name)
-    for x in batches(kind, steps):
-        loss_of(reference, x).backward()
-        loss_of(model, local_batch(x)).backward()
-        for o in (ref_opt, opt):
-            o.step()
-            o.zero_grad()
-    return model, opt, reference, ref_opt
+    return fsdp_worker.train_pair(kind, name, steps, make=lambda model: make_optimizer(model, name))
 
 
 def check_quantizer(report: dict) -> None:
@@ -245,66 +236,13 @@ def check_state_dict_both_ways(report: dict) -> None:
     assert_same_codes(opt, into_plain, "sharded -> one process")
 
 
-def dcp_state(model, opt):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, opt)
-    return {"model": model_sd, "optim": optim_sd}
-
-
-def dcp_load(model, opt, path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    state = distributed.fit_to_checkpoint(dcp_state(model, opt), path)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def run_steps(model, opt, xs, sharded: bool) -> None:
-    for x in xs:
-        loss_of(model, local_batch(x) if sharded else x).backward()
-        opt.step()
-        opt.zero_grad()
-
-
 def check_checkpoints(report: dict, out: Path) -> None:
-    """Save at step 2 (DCP), go on to step 4; resume here bit-exact; resume every other checkpoint in
-    `out` (other world sizes, one process) to round-off."""
-    import torch.distributed.checkpoint as dcp
+    """The DCP chain of fsdp_worker with 8-bit moments (which must really be in the sharded row form)."""
+    def probe(opt):
+        assert any(distributed.local(v).dim() == 2 and v.dtype == torch.uint8 for s in opt.state.values()
+                   for v in s.values()), "no sharded 8-bit state"
 
-    world = dist.get_world_size()
-    xs = batches("qwen2", 4, seed=5)
-    model = shard(tiny_model("qwen2"))
-    opt = make_optimizer(model, CHAIN)
-    run_steps(model, opt, xs[:2], True)
-    assert any(distributed.local(v).dim() == 2 and v.dtype == torch.uint8 for s in opt.state.values()
-               for v in s.values()), "no sharded 8-bit state"
-    dcp.save(dcp_state(model, opt), checkpoint_id=str(out / f"ckpt-{world}"))
-    run_steps(model, opt, xs[2:], True)
-    final = {k: whole(v).detach().clone() for k, v in model.named_parameters()}
-    if dist.get_rank() == 0:
-        torch.save(final, out / f"final-{world}.pt")
-
-    resumed = shard(tiny_model("qwen2", seed=7))  # other weights: the checkpoint must overwrite them
-    resumed_opt = make_optimizer(resumed, CHAIN)
-    dcp_load(resumed, resumed_opt, out / f"ckpt-{world}")
-    run_steps(resumed, resumed_opt, xs[2:], True)
-    for k, v in resumed.named_parameters():
-        assert torch.equal(v.full_tensor(), final[k]), f"DCP resume at {world} ranks not exact: {k}"
-    for other in sorted(out.glob("ckpt-*")):
-        if other.name == f"ckpt-{world}":
-            continue
-        moved = shard(tiny_model("qwen2", seed=7))
-        moved_opt = make_optimizer(moved, CHAIN)
-        dcp_load(moved, moved_opt, other)
-        run_steps(moved, moved_opt, xs[2:], True)
-        expected = torch.load(out / f"final-{other.name.split('-')[1]}.pt", weights_only=True)
-        for k, v in moved.named_parameters():
-            torch.testing.assert_close(v.full_tensor(), expected[k], rtol=RTOL, atol=STEP_FRACTION * 1e-2,
-                                       msg=lambda m: f"{other.name} -> {world} ranks: {k}: {m}")
-        report.setdefault("resharded", []).append(f"{other.name}->{world}")
-
+    fsdp_worker.chain_checkpoints(report, out, lambda model: make_optimizer(model, CHAIN), probe=probe)
 
 CHECKS = {"checkpoints": check_checkpoints, "quantizer": check_quantizer, "exact": check_exact, "parity": check_parity}
 
@@ -314,34 +252,12 @@ def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> N
 
 
 def one_process_checkpoint(out: Path) -> None:
-    """Written by the test process (no process group): the one-process run's checkpoint and final weights."""
-    import torch.distributed.checkpoint as dcp
-
-    xs = batches("qwen2", 4, seed=5)
-    model = tiny_model("qwen2")
-    opt = make_optimizer(model, CHAIN)
-    run_steps(model, opt, xs[:2], False)
-    dcp.save(dcp_state(model, opt), checkpoint_id=str(out / "ckpt-1"))
-    run_steps(model, opt, xs[2:], False)
-    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, out / "final-1.pt")
+    fsdp_worker.one_process_checkpoint(out, make=lambda model: make_optimizer(model, CHAIN))
 
 
 def one_process_resumes(out: Path) -> list[str]:
-    """Every sharded checkpoint in `out` resumed by one process: equal to the run that wrote it, to round-off."""
-    done = []
-    xs = batches("qwen2", 4, seed=5)
-    for path in sorted(out.glob("ckpt-*")):
-        world = path.name.split("-")[1]
-        if world == "1":
-            continue
-        model = tiny_model("qwen2", seed=7)
-        opt = make_optimizer(model, CHAIN)
-        dcp_load(model, opt, path)
+    """Every sharded checkpoint in `out` resumed by one process (loaded into one process's flat 8-bit form)."""
+    def probe(opt):
         assert all(v.dim() == 1 for s in opt.state.values() for v in s.values() if v.dtype == torch.uint8)
-        run_steps(model, opt, xs[2:], False)
-        expected = torch.load(out / f"final-{world}.pt", weights_only=True)
-        for k, v in model.named_parameters():
-            torch.testing.assert_close(v.detach(), expected[k], rtol=RTOL, atol=STEP_FRACTION * 1e-2,
-                                       msg=lambda m: f"{path.name} -> 1 process: {k}: {m}")
-        done.append(f"{path.name}->1")
-    return done
+
+    return fsdp_worker.one_process_resumes(out, make=lambda model: make_optimizer(model, CHAIN), probe=probe)

@@ -7,7 +7,6 @@ relative step needs ``lr=None``, which ``create_optimizer`` does not pass, so th
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -15,8 +14,8 @@ import torch.distributed as dist
 
 import fsdp_worker
 import galore_mini as gm
-from fsdp_worker import (assert_same_params, batches, check_projectors_identical, check_state_layout, dcp_load,
-                         dcp_state, digest, local_batch, loss_of, run_steps, shard, tiny_model)
+from fsdp_worker import (assert_same_params, batches, check_projectors_identical, check_state_layout,
+                         dcp_state, digest, run_steps, shard, tiny_model)
 
 # name: (how to build the optimizer, the step size the parameter tolerance is a fraction of). Adafactor's
 # steps scale with RMS(W) (scale_parameter): about 1e-2·0.02 for the weights here, 1e-2 for the norms; so its
@@ -41,16 +40,7 @@ def make(model, name: str):
 
 
 def train_pair(kind: str, name: str, steps: int):
-    reference = tiny_model(kind)
-    model = shard(copy.deepcopy(reference))
-    ref_opt, opt = make(reference, name), make(model, name)
-    for x in batches(kind, steps):
-        loss_of(reference, x).backward()
-        loss_of(model, local_batch(x)).backward()
-        for o in (ref_opt, opt):
-            o.step()
-            o.zero_grad()
-    return model, opt, reference, ref_opt
+    return fsdp_worker.train_pair(kind, name, steps, make=lambda model: make(model, name))
 
 
 def check_parity(report: dict) -> None:
@@ -98,25 +88,9 @@ def check_state_placements(report: dict) -> None:
 def check_checkpoints(report: dict, out: Path) -> None:
     """DCP save at step 2 and go on to step 4; resume at this world size: bit-exact; the final weights
     and checkpoints are left for the test process to resume (resharded to one process)."""
-    import torch.distributed.checkpoint as dcp
-
-    world = dist.get_world_size()
     for name in ("adafactor_beta1", "galore_mini_a1", "galore_mini_a2"):
-        xs = batches("qwen2", 4, seed=5)
-        model = shard(tiny_model("qwen2"))
-        opt = make(model, name)
-        run_steps(model, opt, xs[:2], True)
-        dcp.save(dcp_state(model, opt), checkpoint_id=str(out / f"ckpt-{name}-{world}"))
-        run_steps(model, opt, xs[2:], True)
-        final = {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
-        if dist.get_rank() == 0:
-            torch.save(final, out / f"final-{name}-{world}.pt")
-        resumed = shard(tiny_model("qwen2", seed=7))  # other weights: the checkpoint must overwrite them
-        resumed_opt = make(resumed, name)
-        dcp_load(resumed, resumed_opt, out / f"ckpt-{name}-{world}")
-        run_steps(resumed, resumed_opt, xs[2:], True)
-        for k, v in resumed.named_parameters():
-            assert torch.equal(v.full_tensor(), final[k]), f"{name}: DCP resume at {world} ranks not exact: {k}"
+        fsdp_worker.chain_checkpoints(report, out, lambda model: make(model, name), prefix=f"ckpt-{name}",
+                                      reshard=False)
         report.setdefault("resumed", []).append(name)
 
 

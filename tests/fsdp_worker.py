@@ -115,13 +115,15 @@ def assert_same_updates(sharded, reference, initial, what: str, rel: float) -> N
         assert error <= rel * scale, f"{what}: {name}: |ΔW - ΔW_ref| = {float(error):.3g} > {rel} · |ΔW_ref| = {float(rel * scale):.3g}"
 
 
-def train_pair(kind: str, name: str, steps: int, *, nan_at=None, clip=None, layerwise=False, extra=None):
-    """The sharded model and the one-process model after `steps` steps of optimizer `name`."""
+def train_pair(kind: str, name: str, steps: int, *, nan_at=None, clip=None, layerwise=False, extra=None, make=None):
+    """The sharded model and the one-process model after `steps` steps of optimizer `name` (or of what
+    `make(model)` builds)."""
     extra = extra or {}
+    make = make or (lambda model: make_optimizer(model, name, **extra))
     reference = tiny_model(kind)
     model = shard(copy.deepcopy(reference))
-    ref_opt = make_optimizer(reference, name, **extra)
-    opt = make_optimizer(model, name, **extra)
+    ref_opt = make(reference)
+    opt = make(model)
     handle = gm.layerwise(model, opt, max_grad_norm=clip) if layerwise else None
     for step, x in enumerate(batches(kind, steps)):
         loss_of(reference, x).backward()
@@ -284,7 +286,10 @@ def dcp_load(model, opt, path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = dcp_state(model, opt)
+    from galore_mini.optim import distributed
+
+    # fit_to_checkpoint: 8-bit moments saved in the other form (one process's flat / a sharded row form)
+    state = distributed.fit_to_checkpoint(dcp_state(model, opt), path)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -296,43 +301,54 @@ def run_steps(model, opt, xs, sharded: bool) -> None:
         opt.zero_grad()
 
 
-def check_checkpoints(report: dict, out: Path, name: str = "galore_mini") -> None:
-    """Save at step 2 (DCP), go on to step 4; resume from the checkpoint: bit-exact at this world size;
-    a one-process checkpoint (written by the test) resumes here to round-off."""
+def chain_checkpoints(report: dict, out: Path, make, prefix: str = "ckpt", reshard: bool = True, probe=None) -> None:
+    """Save at step 2 (DCP, to ``out/{prefix}-{world}``), go on to step 4; resume from the checkpoint:
+    bit-exact at this world size. With `reshard`, every other ``{prefix}-*`` checkpoint in `out` (other
+    world sizes, or one process's, written by the test) resumes here to round-off. `make(model)` builds
+    the optimizer; `probe(opt)`, if given, checks its state after the first steps."""
     import torch.distributed.checkpoint as dcp
 
     world = dist.get_world_size()
+    final_path = lambda world: out / f"final{prefix[len('ckpt'):]}-{world}.pt"  # noqa: E731
     xs = batches("qwen2", 4, seed=5)
     model = shard(tiny_model("qwen2"))
-    opt = make_optimizer(model, name)
+    opt = make(model)
     run_steps(model, opt, xs[:2], True)
-    dcp.save(dcp_state(model, opt), checkpoint_id=str(out / f"ckpt-{world}"))
+    if probe is not None:
+        probe(opt)
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(out / f"{prefix}-{world}"))
     run_steps(model, opt, xs[2:], True)
     final = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in model.named_parameters()}
     if dist.get_rank() == 0:
-        torch.save(final, out / f"final-{world}.pt")
+        torch.save(final, final_path(world))
 
     resumed = shard(tiny_model("qwen2", seed=7))  # other weights: the checkpoint must overwrite them
-    resumed_opt = make_optimizer(resumed, name)
-    dcp_load(resumed, resumed_opt, out / f"ckpt-{world}")
+    resumed_opt = make(resumed)
+    dcp_load(resumed, resumed_opt, out / f"{prefix}-{world}")
     run_steps(resumed, resumed_opt, xs[2:], True)
     for k, v in resumed.named_parameters():
-        assert torch.equal(v.full_tensor(), final[k]), f"DCP resume at {world} ranks not exact: {k}"
-    for other in sorted(out.glob("ckpt-*")):
-        if other.name == f"ckpt-{world}":
+        assert torch.equal(v.full_tensor(), final[k]), f"{prefix}: DCP resume at {world} ranks not exact: {k}"
+    if not reshard:
+        return
+    for other in sorted(out.glob(f"{prefix}-*")):
+        saved_world = other.name.rsplit("-", 1)[1]
+        if saved_world == str(world):
             continue
         # resharded: saved at another world size (or by one process), resumed here
         moved = shard(tiny_model("qwen2", seed=7))
-        moved_opt = make_optimizer(moved, name)
+        moved_opt = make(moved)
         dcp_load(moved, moved_opt, other)
         run_steps(moved, moved_opt, xs[2:], True)
-        expected = torch.load(out / f"final-{other.name.split('-')[1]}.pt", weights_only=True)
+        expected = torch.load(final_path(saved_world), weights_only=True)
         for k, v in moved.named_parameters():
             torch.testing.assert_close(v.full_tensor(), expected[k], rtol=RTOL, atol=STEP_FRACTION * 1e-2,
                                        msg=lambda m: f"{other.name} -> {world} ranks: {k}: {m}")
         report.setdefault("resharded", []).append(f"{other.name}->{world}")
 
+
+def check_checkpoints(report: dict, out: Path, name: str = "galore_mini") -> None:
+    chain_checkpoints(report, out, lambda model: make_optimizer(model, name))
 
 def check_ddp_layerwise_refused(report: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel
@@ -460,22 +476,37 @@ def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> N
     run_checks(CHECKS, rank, world, init_file, checks, out)
 
 
-def one_process_checkpoint(out: Path, name: str = "galore_mini") -> None:
+def spawn(run_fn, world: int, checks: list[str], out: Path) -> dict:
+    """`run_fn` (a worker module's ``run``) on `world` processes; the report rank 0 wrote."""
+    import torch.multiprocessing as mp
+
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
+    try:
+        mp.spawn(run_fn, args=(world, str(out / f"pg-{world}"), checks, str(out)), nprocs=world)
+    finally:
+        os.environ.update(saved)
+    return json.loads((out / f"report-{world}.json").read_text())
+
+
+def one_process_checkpoint(out: Path, name: str = "galore_mini", make=None) -> None:
     """Written by the test process (no process group): the one-process run's checkpoint and final weights."""
     import torch.distributed.checkpoint as dcp
 
+    make = make or (lambda model: make_optimizer(model, name))
     xs = batches("qwen2", 4, seed=5)
     model = tiny_model("qwen2")
-    opt = make_optimizer(model, name)
+    opt = make(model)
     run_steps(model, opt, xs[:2], False)
     dcp.save(dcp_state(model, opt), checkpoint_id=str(out / "ckpt-1"))
     run_steps(model, opt, xs[2:], False)
     torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, out / "final-1.pt")
 
 
-def one_process_resumes(out: Path, name: str = "galore_mini") -> list[str]:
+def one_process_resumes(out: Path, name: str = "galore_mini", make=None, probe=None) -> list[str]:
     """Every sharded checkpoint in `out`, resumed by one process (no process group): equal to the run
-    that wrote it, to round-off."""
+    that wrote it, to round-off. `probe(opt)`, if given, checks the loaded state."""
+    make = make or (lambda model: make_optimizer(model, name))
     done = []
     xs = batches("qwen2", 4, seed=5)
     for path in sorted(out.glob("ckpt-*")):
@@ -483,13 +514,10 @@ def one_process_resumes(out: Path, name: str = "galore_mini") -> list[str]:
         if world == "1":
             continue
         model = tiny_model("qwen2", seed=7)
-        opt = make_optimizer(model, name)
-        state = dcp_state(model, opt)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        opt = make(model)
+        dcp_load(model, opt, path)
+        if probe is not None:
+            probe(opt)
         run_steps(model, opt, xs[2:], False)
         expected = torch.load(out / f"final-{world}.pt", weights_only=True)
         for k, v in model.named_parameters():

@@ -9,11 +9,7 @@ every other pair downwards).
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-import torch.multiprocessing as mp
 
 import fsdp_worker
 
@@ -21,13 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def spawn(world: int, checks: list[str], out) -> dict:
-    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
-    try:
-        mp.spawn(fsdp_worker.run, args=(world, str(out / f"pg-{world}"), checks, str(out)), nprocs=world)
-    finally:
-        os.environ.update(saved)
-    return json.loads((out / f"report-{world}.json").read_text())
+    return fsdp_worker.spawn(fsdp_worker.run, world, checks, out)
 
 
 def test_fsdp2_matches_one_process_resumes_and_reshards(tmp_path):

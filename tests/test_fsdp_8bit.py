@@ -9,13 +9,10 @@ resume both, one process resumes the sharded ones. Unit tests of the row form ne
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+import fsdp_worker
 from galore_mini.optim import distributed, quant
 
 
@@ -72,13 +69,7 @@ def test_sharded_layout_puts_8bit_moments_in_row_form():
 def spawn(world: int, checks: list[str], out) -> dict:
     import fsdp8_worker
 
-    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.pop(k) for k in env_keys if k in os.environ}
-    try:
-        mp.spawn(fsdp8_worker.run, args=(world, str(out / f"pg-{world}"), checks, str(out)), nprocs=world)
-    finally:
-        os.environ.update(saved)
-    return json.loads((out / f"report-{world}.json").read_text())
+    return fsdp_worker.spawn(fsdp8_worker.run, world, checks, out)
 
 
 @pytest.mark.slow

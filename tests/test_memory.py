@@ -524,7 +524,7 @@ def test_cli_plot(tmp_path, capsys):
     (["--model", "/nonexistent/config.json"], "no such config file"),
     (["--world-size", "0"], "--world-size=0 must be a positive integer"),
     (["--model", "tiny", "--world-size", "2", "--measure"], "--measure takes one step in one process"),
-    (["--model", "tiny", "--method", "galore_adafactor", "--world-size", "2"], "method='galore_adafactor'"),
+    (["--model", "tiny", "--method", "relora", "--world-size", "2"], "method='relora'"),
 ])
 def test_cli_bad_input_is_one_clear_line(capsys, argv, message):
     assert cli.main(["memory", *argv]) == 2
