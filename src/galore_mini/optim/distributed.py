@@ -886,14 +886,8 @@ def run_in_lockstep(refreshes: list) -> list:
 def _gather_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Tensor]:
     """Each piece's whole matrix (rows sharded as its spec's), with one all-gather per process group:
     every rank sends its rows of every piece padded to the largest shard, ⌈rows/world⌉."""
-    out: list[torch.Tensor | None] = [None] * len(pieces)
-    by_group: dict[int, list[int]] = {}
-    for i, (spec, rows) in enumerate(pieces):
-        if spec.group is None:
-            out[i] = rows
-        else:
-            by_group.setdefault(id(spec.group), []).append(i)
-    for indices in by_group.values():
+    out, by_group = _split_by_group(pieces)
+    for indices in by_group:
         group = pieces[indices[0]][0].group
         world = dist.get_world_size(group)
         padded, chunks = [], []
@@ -949,8 +943,9 @@ def _local_state(state: dict) -> dict:
     return {key: local(value) for key, value in state.items()}
 
 
-def _reduce_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Tensor]:
-    """All-reduce (sum) every tensor with one collective per process group; results in order."""
+def _split_by_group(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> tuple[list, list[list[int]]]:
+    """Results with the unsharded pieces (no process group) already in place, and the indices of the
+    others grouped by process group, in order: one collective per group serves each list."""
     out: list[torch.Tensor | None] = [None] * len(pieces)
     by_group: dict[int, list[int]] = {}
     for i, (spec, t) in enumerate(pieces):
@@ -958,7 +953,13 @@ def _reduce_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Ten
             out[i] = t
         else:
             by_group.setdefault(id(spec.group), []).append(i)
-    for indices in by_group.values():
+    return out, list(by_group.values())
+
+
+def _reduce_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Tensor]:
+    """All-reduce (sum) every tensor with one collective per process group; results in order."""
+    out, by_group = _split_by_group(pieces)
+    for indices in by_group:
         flat = torch.cat([pieces[i][1].reshape(-1) for i in indices])
         dist.all_reduce(flat, group=pieces[indices[0]][0].group)
         start = 0
