@@ -46,9 +46,35 @@ def main(argv=None) -> None:
             totals["first refresh"] += layers * communication_bytes(shape, r, side, world, first=True)["refresh"]
             totals["svd refresh"] += layers * communication_bytes(shape, r, side, world, method="svd")["refresh"]
         print(f"  proj_type={proj_type!r}: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in totals.items()))
+    steps = step_by_optimizer(per_layer, layers, r, world)
+    print(f"  a step without refresh, proj_type='std': galore {steps.pop('galore') / gb:.3f} GB; beyond it: " + ", ".join(
+        f"{name} +{sent / 1e3:.1f} KB" for name, sent in steps.items()))
     fsdp = (world - 1) / world * params * (2 * 2 + 4)
     print(f"  FSDP2 itself per step (bf16 all-gather ×2, fp32 reduce-scatter): {fsdp / gb:.1f}")
 
+
+def step_by_optimizer(per_layer, layers, r, world, hidden=4096, vocab=32000) -> dict[str, float]:
+    """Bytes one rank sends per step (no refresh): GaLore's, and what each other method sends beyond it
+    (block sums, 8-bit block maxima, Adafactor's row sums), counting the embedding, the output layer
+    (vocab×hidden) and the 2·layers + 1 norm weights too."""
+    unprojected = [((vocab, hidden), 2), ((hidden,), 2 * layers + 1)]  # (shape, how many)
+    totals = {}
+    for method in ("galore", "galore_mini", "galore_8bit", "galore_adafactor"):
+        total = 0.0
+        for name, shape, heads in per_layer:
+            side = resolve_side("std", shape)
+            blocks = (heads + (2 if name == "q_proj" else 0)) if method == "galore_mini" else 0
+            total += layers * communication_bytes(
+                shape, r, side, world, n_blocks_reduced=blocks, adafactor=method == "galore_adafactor",
+                scale_parameter=method == "galore_adafactor",
+                moments_8bit=2 if method == "galore_8bit" and side == "right" else 0)["step"]
+        for shape, count in unprojected:
+            total += count * communication_bytes(
+                shape, 0, None, world, adafactor=method == "galore_adafactor",
+                scale_parameter=method == "galore_adafactor",
+                moments_8bit=2 if method == "galore_8bit" else 0)["step"]
+        totals[method] = total
+    return {name: sent - (0.0 if name == "galore" else totals["galore"]) for name, sent in totals.items()}
 
 if __name__ == "__main__":
     main()

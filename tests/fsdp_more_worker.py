@@ -7,6 +7,7 @@ relative step needs ``lr=None``, which ``create_optimizer`` does not pass, so th
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import fsdp_worker
 import galore_mini as gm
 from fsdp_worker import (assert_same_params, batches, check_projectors_identical, check_state_layout,
-                         dcp_state, digest, run_steps, shard, tiny_model)
+                         dcp_state, digest, local_batch, loss_of, run_steps, shard, tiny_model)
 
 # name: (how to build the optimizer, the step size the parameter tolerance is a fraction of). Adafactor's
 # steps scale with RMS(W) (scale_parameter): about 1e-2·0.02 for the weights here, 1e-2 for the norms; so its
@@ -118,8 +119,83 @@ def check_estimate(report: dict) -> None:
         assert opt.state_bytes() == held, (method, opt.state_bytes(), held)
 
 
-CHECKS = {"checkpoints": check_checkpoints, "parity": check_parity, "placements": check_state_placements, "bad_input": check_bad_input,
-          "estimate": check_estimate}
+@contextlib.contextmanager
+def counted_collectives():
+    """Values our optimizers put on the wire inside the block: all-reduced (sum or max) and all-gathered
+    (every rank's part, padding included). FSDP2's own collectives are other functions."""
+    counts = {"reduce": 0, "gather": 0}
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather
+
+    def counting_reduce(tensor, *args, **kwargs):
+        counts["reduce"] += tensor.numel()
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counting_gather(outputs, tensor, *args, **kwargs):
+        counts["gather"] += sum(t.numel() for t in outputs)
+        return all_gather(outputs, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = counting_reduce, counting_gather
+    try:
+        yield counts
+    finally:
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+
+
+def predicted_bytes(opt, world: int, phase: str) -> float:
+    """What ``distributed.communication_bytes`` says one rank sends in this step of `opt` (`phase`: plain,
+    first refresh or a later refresh), plus the finiteness flags it leaves out (one value per parameter)."""
+    from torch.distributed.tensor import Replicate
+
+    from galore_mini.optim.distributed import communication_bytes
+    from galore_mini.optim.projection import resolve_side
+
+    total, flags = 0.0, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            flags += group.get("nonfinite", "skip") != "off"
+            side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
+            moments_8bit = sum(1 for v in opt.state[p].values() if v.dtype == torch.uint8
+                               and not all(isinstance(x, Replicate) for x in v.placements))
+            padded_rows = -(-p.shape[0] // world) * world  # gathers send ⌈m/W⌉ rows from every rank
+            sent = communication_bytes((padded_rows, *p.shape[1:]), group.get("rank", 0), side, world,
+                                       method=group.get("proj_method", "power"), first=phase == "first",
+                                       adafactor=isinstance(opt, gm.GaLoreAdafactor),
+                                       scale_parameter=group.get("scale_parameter", False),
+                                       moments_8bit=moments_8bit)
+            total += sent["step"] + (sent["refresh"] if phase != "plain" else 0.0)
+    return total + 2 * (world - 1) / world * 4 * flags
+
+
+def check_communication(report: dict) -> None:
+    """The bytes each step sends — the plain steps, the first refresh (randomized range finder) and a
+    warm power (or svd) refresh — equal ``communication_bytes``'s count, the formulas of
+    docs/distributed.md, for GaLore (left and right projections), GaLoreAdafactor and 8-bit moments."""
+    import fsdp8_worker
+
+    world = dist.get_world_size()
+    cases = {"galore_power": lambda model: fsdp_worker.make_optimizer(model, "galore_power"),
+             "galore_svd": lambda model: fsdp_worker.make_optimizer(model, "galore_svd"),
+             "adafactor_relative": lambda model: make(model, "adafactor_relative"),
+             "adafactor_beta1": lambda model: make(model, "adafactor_beta1"),
+             "galore_8bit": lambda model: fsdp8_worker.make_optimizer(model, "galore_8bit")}
+    for kind in ("llama", "qwen2"):
+        for name, build in cases.items():
+            model = shard(tiny_model(kind))
+            opt = build(model)
+            # update_proj_gap=2: the projectors are made at step 1 and refreshed at step 3
+            for t, (x, phase) in enumerate(zip(batches(kind, 4), ("first", "plain", "refresh", "plain")), 1):
+                loss_of(model, local_batch(x)).backward()
+                with counted_collectives() as counts:
+                    opt.step()
+                opt.zero_grad()
+                sent = 2 * (world - 1) / world * 4 * counts["reduce"] + (world - 1) / world * 4 * counts["gather"]
+                predicted = predicted_bytes(opt, world, phase)
+                assert abs(sent - predicted) <= 1e-9 * predicted, (kind, name, t, phase, counts, sent, predicted)
+                report.setdefault("bytes_sent", {})[f"{kind}/{name}/{t}"] = sent
+
+
+CHECKS = {"checkpoints": check_checkpoints, "parity": check_parity, "placements": check_state_placements,
+          "bad_input": check_bad_input, "estimate": check_estimate, "communication": check_communication}
 
 
 def run(rank: int, world: int, init_file: str, checks: list[str], out: str) -> None:

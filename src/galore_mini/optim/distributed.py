@@ -1126,32 +1126,42 @@ def _shard_step_class():
 # -- communication, counted ----------------------------------------------------------------------
 
 
-def communication_bytes(shape: tuple[int, int], rank: int, side: str, world: int, *, method: str = "power",
-                        first: bool = False, n_blocks_reduced: int = 0, bytes_per_value: int = 4) -> dict[str, float]:
-    """Bytes one rank sends for one row-sharded weight of `shape` (m×n), with ring collectives.
+def communication_bytes(shape: tuple[int, ...], rank: int, side: str | None, world: int, *, method: str = "power",
+                        first: bool = False, n_blocks_reduced: int = 0, adafactor: bool = False,
+                        scale_parameter: bool = False, moments_8bit: int = 0,
+                        bytes_per_value: int = 4) -> dict[str, float]:
+    """Bytes one rank sends for one row-sharded parameter of `shape` (m×n, or m), with ring collectives.
 
     A ring all-reduce of B bytes sends ``2(W-1)/W·B`` per rank, an all-gather of B bytes in all
     ``(W-1)/W·B``. Returns ``{"step": …, "refresh": …}``: the step (left / full projections' partial
-    products and `n_blocks_reduced` block sums; right projections send nothing) and one refresh
-    (``method`` power, or randomized for the first refresh — `first` — with k = r + 8, or svd, which
-    gathers the gradient). Flags (one value per parameter) are left out: a few bytes.
+    products, `n_blocks_reduced` block sums, GaLoreAdafactor's sums over rows when `adafactor` — and
+    ‖W‖² for `scale_parameter` —, and W−1 block maxima per 8-bit moment laid out by rows,
+    `moments_8bit`; right projections send none of the first) and one refresh (``method`` power, or
+    randomized for the first refresh — `first` — with k = r + 8, or svd, which gathers the gradient).
+    `side` None is an unprojected parameter (no refresh). The finiteness flags (one value per
+    parameter) are left out: a few bytes. ``tests/test_fsdp_more.py`` checks these counts against the
+    collectives a step makes.
     """
-    m, n = shape
+    m, n = shape[0], math.prod(shape[1:])
     if world <= 1:
         return {"step": 0.0, "refresh": 0.0}
     reduce, gather = 2 * (world - 1) / world * bytes_per_value, (world - 1) / world * bytes_per_value
-    step = reduce * n_blocks_reduced
+    values = n_blocks_reduced + (world - 1) * moments_8bit + int(scale_parameter)
     if side == "left":
-        step += reduce * rank * n
+        values += rank * n
     elif side == "full":
-        step += reduce * rank * rank
+        values += rank * rank
+    elif adafactor:
+        # R's rows are W's rows: column sums and Σ R²/r over c columns, and the row EMA's sum (1-D: one value)
+        values += 1 if len(shape) == 1 else 2 * (rank if side == "right" else n) + 1
+    step = reduce * values
+    if side is None or method == "random":
+        return {"step": step, "refresh": 0.0}
     if method == "svd":
         return {"step": step, "refresh": gather * m * n}
     randomized = first or method == "randomized"
     k = min(rank + OVERSAMPLE, m, n) if randomized else rank
     passes = 1 + RANDOMIZED_POWER_STEPS if randomized else 1
-    if method == "random":
-        return {"step": step, "refresh": 0.0}
     refresh = 0.0
     if side in ("right", "full"):
         # Gᵀ(G Q) or GᵀS per pass (n×k), then the k×k Gram matrix of the Ritz step
