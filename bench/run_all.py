@@ -168,6 +168,14 @@ def render(results: Path, commands: list[str]) -> str:
                 "all weights); the column 'one weight at a time' is the earlier schedule (2-5 collectives per "
                 "weight), measured in the same run. Command: `PYTHONPATH=src python3 bench/fsdp_scaling.py` (not part of the commands "
                 "above: it spawns processes). Communication per step and refresh: `docs/distributed.md`.", ""]
+    for device in ("cuda", "cpu"):
+        world1 = _load(results, f"fsdp_world1_{device}")
+        if world1:
+            import fsdp_world1
+
+            out += [f"## FSDP2 at world size 1 ({device})", "", fsdp_world1.render(world1), "",
+                    fsdp_world1.READING[device] + f" Command: `PYTHONPATH=src python3 bench/fsdp_world1.py --device {device} "
+                    f"--json bench/results/fsdp_world1_{device}.json` (not part of the commands above).", ""]
     batching = _load(results, "refresh_batching")
     if batching:
         import refresh_batching

@@ -109,3 +109,21 @@ def test_gpu_script_smoke_runs_on_cpu(bench_modules, tmp_path):
     for row in steps.values():
         assert row["error"] is None, (row["key"], row["error"])
         _positive(row, "steady_s", "state_bytes")
+
+
+def test_fsdp_world1_smoke_runs_on_cpu(tmp_path):
+    """A process group of one (gloo) in its own process: every method measured on both copies."""
+    import os
+    import subprocess
+
+    pytest.importorskip("transformers")
+    path = tmp_path / "world1.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(BENCH / "fsdp_world1.py"), "--smoke", "--device", "cpu", "--json", str(path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    report = json.loads(path.read_text())
+    assert report["config"]["backend"] == "gloo" and report["config"]["smoke"] is True
+    assert set(report["results"]) == {"galore_mini", "galore", "adam_mini", "full"}
+    for method, row in report["results"].items():
+        _positive({**row, "label": method}, "plain training step", "sharded training step", "plain step",
+                  "sharded step", "training step ratio", "step ratio")
