@@ -36,11 +36,9 @@ def main(argv=None) -> None:
     print(f"LLaMA-7B ({params / 1e9:.2f}B parameters), rank {r}, {world} ranks; GB sent per rank (ring, fp32)")
     for proj_type in ("std", "right"):
         totals = {"step": 0.0, "first refresh": 0.0, "power refresh": 0.0, "svd refresh": 0.0}
-        for _, shape, heads in per_layer:
+        for name, shape, heads in per_layer:
             side = resolve_side(proj_type, shape)
-            # GaLore-mini's per-head v of q/k (and 2 norms per layer, counted with q) cross ranks
-            blocks = heads + (2 if heads and shape == per_layer[0][1] and _ == "q_proj" else 0)
-            power = communication_bytes(shape, r, side, world, n_blocks_reduced=blocks)
+            power = communication_bytes(shape, r, side, world, n_blocks_reduced=mini_blocks(name, heads))
             totals["step"] += layers * power["step"]
             totals["power refresh"] += layers * power["refresh"]
             totals["first refresh"] += layers * communication_bytes(shape, r, side, world, first=True)["refresh"]
@@ -53,6 +51,12 @@ def main(argv=None) -> None:
     print(f"  FSDP2 itself per step (bf16 all-gather ×2, fp32 reduce-scatter): {fsdp / gb:.1f}")
 
 
+def mini_blocks(name: str, heads: int) -> int:
+    """GaLore-mini's block sums that cross ranks for one weight: the per-head v of q and k (and the
+    layer's 2 norm weights, counted with q)."""
+    return heads + (2 if name == "q_proj" else 0)
+
+
 def step_by_optimizer(per_layer, layers, r, world, hidden=4096, vocab=32000) -> dict[str, float]:
     """Bytes one rank sends per step (no refresh): GaLore's, and what each other method sends beyond it
     (block sums, 8-bit block maxima, Adafactor's row sums), counting the embedding, the output layer
@@ -63,7 +67,7 @@ def step_by_optimizer(per_layer, layers, r, world, hidden=4096, vocab=32000) -> 
         total = 0.0
         for name, shape, heads in per_layer:
             side = resolve_side("std", shape)
-            blocks = (heads + (2 if name == "q_proj" else 0)) if method == "galore_mini" else 0
+            blocks = mini_blocks(name, heads) if method == "galore_mini" else 0
             total += layers * communication_bytes(
                 shape, r, side, world, n_blocks_reduced=blocks, adafactor=method == "galore_adafactor",
                 scale_parameter=method == "galore_adafactor",
@@ -75,6 +79,7 @@ def step_by_optimizer(per_layer, layers, r, world, hidden=4096, vocab=32000) -> 
                 moments_8bit=2 if method == "galore_8bit" else 0)["step"]
         totals[method] = total
     return {name: sent - (0.0 if name == "galore" else totals["galore"]) for name, sent in totals.items()}
+
 
 if __name__ == "__main__":
     main()
