@@ -146,3 +146,14 @@ def test_param_groups_errors():
         gm.param_groups(model, "galore", rank=8, overrides={r"norm": {"project": True}})
     with pytest.raises(gm.UsageError, match="unknown option"):
         gm.create_optimizer(model, "galore", rank=8, gap=10)
+
+
+def test_communication_bytes_names_a_bad_side_or_method():
+    from galore_mini.optim.distributed import communication_bytes
+
+    with pytest.raises(gm.UsageError, match=r"side='Right'; use 'left', 'right', 'full' or None"):
+        communication_bytes((64, 32), 4, "Right", 4)
+    with pytest.raises(gm.UsageError, match=r"method='pow'; use one of svd, randomized, power, random"):
+        communication_bytes((64, 32), 4, "right", 4, method="pow")
+    # a right projection's step sends nothing but what the options add: here 3 block maxima per 8-bit moment
+    assert communication_bytes((64, 32), 4, "right", 4, moments_8bit=2)["step"] == 2 * 3 / 4 * 4 * 3 * 2

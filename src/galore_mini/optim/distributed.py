@@ -89,7 +89,8 @@ import torch.distributed as dist
 
 from galore_mini.errors import UsageError
 from galore_mini.optim.blocks import BlockLayout
-from galore_mini.optim.projection import OVERSAMPLE, RANDOMIZED_POWER_STEPS, compute_projector, resolve_side
+from galore_mini.optim.projection import (OVERSAMPLE, PROJ_METHODS, RANDOMIZED_POWER_STEPS, compute_projector,
+                                         resolve_side)
 from galore_mini.optim.quant import BLOCK
 
 try:  # torch >= 2.4
@@ -1142,6 +1143,10 @@ def communication_bytes(shape: tuple[int, ...], rank: int, side: str | None, wor
     parameter) are left out: a few bytes. ``tests/test_fsdp_more.py`` checks these counts against the
     collectives a step makes.
     """
+    if side not in (None, "left", "right", "full"):
+        raise UsageError(f"communication_bytes: side={side!r}; use 'left', 'right', 'full' or None (unprojected)")
+    if method not in PROJ_METHODS:
+        raise UsageError(f"communication_bytes: method={method!r}; use one of {', '.join(PROJ_METHODS)}")
     m, n = shape[0], math.prod(shape[1:])
     if world <= 1:
         return {"step": 0.0, "refresh": 0.0}
