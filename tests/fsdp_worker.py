@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import faulthandler
 import importlib
 import json
 import os
@@ -444,6 +445,8 @@ def joined_group(rank: int, world: int, init_file: str):
 
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # should a rank die of a signal (SIGABRT, SIGSEGV), its threads' Python stacks reach the test's stderr
+    faulthandler.enable(all_threads=True)
     # imported before the group exists, so its `group=group.WORLD` defaults do not pin the world group
     # past destroy_process_group (gloo's threads would then outlive the interpreter: "terminate called
     # without an active exception", SIGABRT; see "DDP" in docs/pretraining.md)
