@@ -40,7 +40,8 @@ METHODS = {
 }
 
 
-def _model(cfg: dict):
+def llama(cfg: dict):
+    """The benchmark's LLaMA for a config dict (vocab, hidden, intermediate, layers, heads, seq), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -48,6 +49,16 @@ def _model(cfg: dict):
                                         intermediate_size=cfg["intermediate"], num_hidden_layers=cfg["layers"],
                                         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
                                         max_position_embeddings=cfg["seq"], tie_word_embeddings=False))
+
+
+def shard_every_layer(model):
+    """``fully_shard`` on each decoder layer, then the root (as the harness's ``--fsdp`` does)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def _measure(cfg: dict, world: int, rank: int) -> dict:
@@ -65,13 +76,9 @@ def _measure(cfg: dict, world: int, rank: int) -> dict:
                 row[label] = None  # one process has no collectives to batch
                 continue
             _sequential_refresh(label == "refresh one at a time")
-            model = _model(cfg)
+            model = llama(cfg)
             if world > 1:
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in model.model.layers:
-                    fully_shard(layer)
-                fully_shard(model)
+                shard_every_layer(model)
             extra = {} if method == "adam_mini" else {"update_proj_gap": gap}
             opt = gm.create_optimizer(model, method, **options, **extra)
             steps, whole = [], []

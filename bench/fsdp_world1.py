@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from fsdp_scaling import llama, shard_every_layer  # noqa: E402
 
 METHODS = {
     "galore_mini": dict(lr=1e-3, update_proj_gap=200),
@@ -43,26 +44,6 @@ READING = {
 }
 
 
-def _model(cfg: dict, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
-                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                         num_key_value_heads=cfg["heads"], max_position_embeddings=cfg["seq"],
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(device)
-
-
-def _sharded(model):
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
 def _measure(cfg: dict, device: str) -> dict:
     import galore_mini as gm
 
@@ -73,8 +54,8 @@ def _measure(cfg: dict, device: str) -> dict:
     for method, options in METHODS.items():
         copies = {}
         for kind in ("plain", "sharded"):
-            model = _model(cfg, device)
-            model = _sharded(model) if kind == "sharded" else model
+            model = llama(cfg).to(device)
+            model = shard_every_layer(model) if kind == "sharded" else model
             rank = {"rank": cfg["rank"]} if method.startswith("galore") else {}
             copies[kind] = (model, gm.create_optimizer(model, method, **options, **rank))
         times = {f"{kind} {part}": [] for kind in copies for part in ("training step", "step")}

@@ -244,6 +244,7 @@ def check_checkpoints(report: dict, out: Path) -> None:
 
     fsdp_worker.chain_checkpoints(report, out, lambda model: make_optimizer(model, CHAIN), probe=probe)
 
+
 CHECKS = {"checkpoints": check_checkpoints, "quantizer": check_quantizer, "exact": check_exact, "parity": check_parity}
 
 

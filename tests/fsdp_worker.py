@@ -351,6 +351,7 @@ def chain_checkpoints(report: dict, out: Path, make, prefix: str = "ckpt", resha
 def check_checkpoints(report: dict, out: Path, name: str = "galore_mini") -> None:
     chain_checkpoints(report, out, lambda model: make_optimizer(model, name))
 
+
 def check_ddp_layerwise_refused(report: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel
 

@@ -26,8 +26,9 @@ GaLore's fine-tuning recipe (the paper's GLUE runs, Table 7 and the repository's
 command): scale α = 4 at r = 4 and α = 2 at r = 8, i.e. ``α = 16 / r`` (GaLore's default at
 every rank), T = 500. GaLore-mini takes a quarter of that, ``α = 4 / r``, at twice the learning
 rate (its own sweep, RESULTS.md): its per-row normalisation makes its step on the projected
-weights larger per unit of lr than GaLore's. ``--scale`` sets one α for both. Schedule: linear warm-up over the first 6% of updates, then linear
-decay to 0; gradients clipped to global norm 1; no weight decay; fp32.
+weights larger per unit of lr than GaLore's. ``--scale`` sets one α for both. Schedule: linear
+warm-up over the first 6% of updates, then linear decay to 0; gradients clipped to global norm 1;
+no weight decay; fp32.
 
 Per run (method × seed) the folder ``DIR/runs/<method>/seed<k>/`` holds ``settings.json``,
 ``checkpoint.pt`` (written atomically after every epoch) and ``result.json`` once done. A

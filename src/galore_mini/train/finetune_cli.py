@@ -42,8 +42,9 @@ def register(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(FINETUNE_METHODS)} (default: all)")
     p.add_argument("--layerwise", action="store_true", help="galore_mini updates each weight inside backward()")
     p.add_argument("--rank", type=int, default=8, help="GaLore's and LoRA's rank (default: 8)")
-    p.add_argument("--scale", type=float, default=None, help="GaLore scale α for galore and galore_mini (default: per method, 16/rank for galore "
-                   "as in the paper's recipe, 4/rank for galore_mini)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="GaLore scale α for galore and galore_mini (default: per method, 16/rank for galore "
+                        "as in the paper's recipe, 4/rank for galore_mini)")
     p.add_argument("--update-proj-gap", type=int, default=DEFAULT_GAP, help=f"GaLore's T (default: {DEFAULT_GAP})")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="freeze the embeddings in lora/galore/galore_mini (default: every method trains them)")
