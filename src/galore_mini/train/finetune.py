@@ -51,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,87 +59,26 @@ import torch
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
-from galore_mini.train.runs import atomic_save, atomic_write
+from galore_mini.memory import optimizer_state_bytes as state_bytes
+from galore_mini.models import model_config
+from galore_mini.optim.groups import read_model
+from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig  # noqa: F401  (re-exported)
+from galore_mini.train.data import EOS_TOKEN, prepare_data
+from galore_mini.train.runs import CHECKPOINT, CHECKPOINT_FORMAT, PREVIOUS, RunFolder, atomic_save, atomic_write
+from galore_mini.train.steps import MAX_SKIPPED_STEPS, Skips, count_parameters, linear_factor, optimizer_step
 from galore_mini.train.tasks import METRIC_NAMES, Task, compute_metrics, load_task
 
-#: the methods with a fine-tuning recipe: those the registry gives a `finetune_lr`
-FINETUNE_METHODS = tuple(m for m in registry.names() if registry.get(m).finetune_lr is not None)
+#: what a fine-tuning checkpoint must hold (those of earlier versions too, which had no format or step)
+FINETUNE_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "train_time")
+
 LORA_ALPHA = 16.0  # alpha / r equals GaLore's default scale 16 / r
 LORA_DROPOUT = 0.0
 WARMUP_RATIO = 0.06
-DEFAULT_GAP = 500
 DEFAULT_MAX_LENGTH = 128
 EXPORT_MARKER = "hf_export.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl"}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything a fine-tuning comparison depends on (the command line maps onto these fields)."""
-
-    model: str
-    task: str | None = None  # None: the offline Debian task
-    val: str | None = None
-    methods: tuple[str, ...] = FINETUNE_METHODS
-    layerwise: bool = False
-    rank: int = 8
-    scale: float | None = None  # None: 16 / rank (the paper's recipe)
-    update_proj_gap: int = DEFAULT_GAP
-    freeze_embeddings: bool = False
-    epochs: int = 3
-    lr: dict[str, float] = field(default_factory=dict)  # per method; missing: the registry's finetune_lr
-    batch_size: int = 16
-    max_length: int | None = None  # None: min(128, the model's positions)
-    seeds: tuple[int, ...] = (0,)
-    grad_clip: float = 1.0
-    out: str = "runs/finetune"
-    device: str = "auto"
-    progress: bool = True
-
-    def resolved_scale(self, method: str) -> float:
-        """α for `method`: ``--scale`` when given, else the registry's ``finetune_scale_rank / rank``."""
-        return registry.get(method).finetune_scale_rank / self.rank if self.scale is None else self.scale
-
-    def resolved_lr(self, method: str) -> float:
-        if method in self.lr:
-            return self.lr[method]
-        value = registry.get(method).finetune_lr
-        if value is None:
-            raise UsageError(f"--methods: {method!r} has no fine-tuning default LR; pass --lr {method}=LR")
-        return value
-
-    def validate(self) -> None:
-        if not self.methods:
-            raise UsageError("--methods: name at least one method")
-        for m in self.methods:
-            registry.get(m, "--methods")
-            if m not in FINETUNE_METHODS:
-                raise UsageError(f"--methods: {m!r} is not a fine-tuning method; use some of {', '.join(FINETUNE_METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise UsageError("--methods: a method is named twice")
-        if self.layerwise and "galore_mini" not in self.methods:
-            raise UsageError("--layerwise applies to galore_mini, which is not among --methods")
-        for name in ("rank", "epochs", "batch_size", "update_proj_gap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')}={value!r} must be a positive integer")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise UsageError(f"--max-length={self.max_length!r} must be an integer of at least 2")
-        if self.scale is not None and not self.scale > 0:
-            raise UsageError(f"--scale={self.scale!r} must be positive")
-        for method, value in self.lr.items():
-            if method not in self.methods:
-                raise UsageError(f"--lr: {method!r} is not among --methods ({', '.join(self.methods)})")
-            if not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"--lr {method}={value!r} must be a positive number")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError("--seed: give one or more distinct integers (e.g. 0,1,2)")
-        if self.grad_clip < 0:
-            raise UsageError(f"--grad-clip={self.grad_clip!r} must be non-negative")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise UsageError(f"--device={self.device!r}: use auto, cpu or cuda[:N]")
 
 
 # -- files ------------------------------------------------------------------------------------------------
@@ -170,8 +109,8 @@ def _atomic_torch(path: Path, obj: Any) -> None:
 
 
 def is_pretrain_run(path: str | os.PathLike) -> bool:
-    """A ``galore-mini pretrain --out`` folder (it holds ``checkpoint.pt``)."""
-    return (Path(path) / "checkpoint.pt").is_file()
+    """A ``galore-mini pretrain --out`` folder (it holds ``checkpoint.pt`` or ``checkpoint.prev.pt``)."""
+    return (Path(path) / CHECKPOINT).is_file() or (Path(path) / PREVIOUS).is_file()
 
 
 def export_pretrained(run_dir: str | os.PathLike, log: Callable[[str], None] = lambda m: None) -> Path:
@@ -187,17 +126,20 @@ def export_pretrained(run_dir: str | os.PathLike, log: Callable[[str], None] = l
     from tokenizers import Tokenizer, processors
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from galore_mini.train.data import EOS_TOKEN
-
     run = Path(run_dir)
-    checkpoint = run / "checkpoint.pt"
+    checkpoint = run / CHECKPOINT if (run / CHECKPOINT).is_file() else run / PREVIOUS
     stamp = {"checkpoint_bytes": checkpoint.stat().st_size, "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns}
     marker = run / EXPORT_MARKER
     if marker.is_file():
         with contextlib.suppress(OSError, ValueError):
             if {k: v for k, v in json.loads(marker.read_text()).items() if k in stamp} == stamp:
                 return run
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # the one loading path: digest checked, a damaged newest checkpoint moved aside for the previous one
+    name, state = RunFolder(run, flag=f"--model {run_dir}", restart="pretrain it again").newest_readable(log)
+    if state is None:
+        raise UsageError(f"--model {run_dir}: the pretrain run holds no checkpoint")
+    checkpoint = run / name
+    stamp = {"checkpoint_bytes": checkpoint.stat().st_size, "checkpoint_mtime_ns": checkpoint.stat().st_mtime_ns}
     settings = state.get("config", {})
     method = settings.get("method")
     if method in registry.ADAPTER_METHODS:
@@ -210,8 +152,6 @@ def export_pretrained(run_dir: str | os.PathLike, log: Callable[[str], None] = l
     eos = backend.token_to_id(EOS_TOKEN)
     if eos is None:
         raise UsageError(f"--model {run_dir}: the run's tokenizer has no {EOS_TOKEN} token to pad with")
-    from galore_mini.train.model import model_config
-
     config = model_config(settings.get("model", "tiny"), vocab_size=vocab)
     config.pad_token_id = config.eos_token_id = eos
     config.bos_token_id = None
@@ -255,8 +195,6 @@ def _pretrain_tokenizer(run: Path, settings: dict[str, Any]):
         if not getattr(fast, "is_fast", False):
             raise UsageError(f"--model {run}: the run's tokenizer {name!r} has no fast (tokenizers) version")
         return Tokenizer.from_str(fast.backend_tokenizer.to_str())
-    from galore_mini.train.data import prepare_data
-
     data = prepare_data(settings.get("data"), seq_len=int(settings.get("seq_len", 128)),
                         vocab_size=int(settings.get("vocab_size", 8192)),
                         val_fraction=float(settings.get("val_fraction", 0.05)),
@@ -318,6 +256,7 @@ class Setup:
     targets: list[str]  # module names of the projected/adapted matrices
     device: torch.device
     notes: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr, flush=True))
 
     def settings(self) -> dict[str, Any]:
         c = self.config
@@ -372,8 +311,6 @@ def _load_classifier(setup_or_path, num_labels: int, pad_id: int | None, regress
 
 def _targets(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """(module name, weight shape) of the matrices GaLore projects and LoRA adapts."""
-    from galore_mini.optim.groups import read_model
-
     projectable = {id(info.param): info.shape for info in read_model(model) if info.projectable}
     return [(name, projectable[id(module.weight)]) for name, module in model.named_modules()
             if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in projectable]
@@ -459,7 +396,7 @@ def prepare(config: FinetuneConfig, *, load_dataset: Callable | None = None,
                          "embeddings; the tokenizer does not belong to this model")
     return Setup(config, task, model_path, fingerprint, num_labels, int(tokenizer.pad_token_id), max_length,
                  Encoded(train_ids, task.label_ids(task.train)), Encoded(val_ids, task.label_ids(task.val)),
-                 [name for name, _ in targets], device, notes)
+                 [name for name, _ in targets], device, notes, log)
 
 
 # -- one run -------------------------------------------------------------------------------------------
@@ -538,16 +475,6 @@ def _with_lora(model: torch.nn.Module, targets: list[str], rank: int) -> torch.n
     return wrapped
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor the optimizer keeps in ``optimizer.state`` (what it costs beyond the weights)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
-
-
 @torch.no_grad()
 def evaluate(model, setup: Setup, batch_size: int) -> dict[str, float]:
     model.eval()
@@ -560,27 +487,6 @@ def evaluate(model, setup: Setup, batch_size: int) -> dict[str, float]:
         preds += logits[:, 0].tolist() if setup.task.regression else logits.argmax(-1).tolist()
     model.train()
     return compute_metrics(setup.task.metric, preds, setup.val.labels)
-
-
-def _lr_lambda(total: int):
-    warmup = max(1, round(WARMUP_RATIO * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-def _count(model) -> tuple[int, int]:
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
 
 
 def run_settings(setup: Setup, method: str, seed: int) -> dict[str, Any]:
@@ -613,25 +519,38 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
     """Train (or resume, or reuse) one method with one seed; returns its result (also ``folder/result.json``)."""
     config = setup.config
     settings = run_settings(setup, method, seed)
-    result_path, checkpoint_path, settings_path = folder / "result.json", folder / "checkpoint.pt", folder / "settings.json"
+    result_path, settings_path = folder / "result.json", folder / "settings.json"
     if check_run_folder(folder, settings):
         return json.loads(result_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp-*"):
         stale.unlink()
     _atomic_json(settings_path, settings)
+    checkpoints = RunFolder(folder, keys=FINETUNE_CHECKPOINT_KEYS, flag="--out",
+                            restart=f"delete {folder} to retrain that run")
+    checkpoints.acquire(setup.log)
+    try:
+        return _train_run(setup, method, seed, settings, checkpoints, on_epoch)
+    finally:
+        checkpoints.release()
 
+
+def _train_run(setup: Setup, method: str, seed: int, settings: dict[str, Any], checkpoints: RunFolder,
+               on_epoch: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    """:func:`train_run` once its folder is claimed: build, resume from the newest readable checkpoint, train."""
+    config = setup.config
     model, optimizer, handle = build_method(setup, method, seed)
-    total_params, trainable_params = _count(model)
+    total_params, trainable_params = count_parameters(model)
     n_train = len(setup.train.labels)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps))
+    warmup = max(1, round(WARMUP_RATIO * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_factor(step, total_steps, warmup))
     trainable = [p for p in model.parameters() if p.requires_grad]
     history: list[dict[str, Any]] = []
-    start_epoch, train_time = 0, 0.0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    start_epoch, train_time, skips = 0, 0.0, Skips()
+    _, state = checkpoints.newest_readable(setup.log)
+    if state is not None:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["model"].items():
@@ -640,11 +559,12 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, start_epoch, train_time = state["history"], int(state["epoch"]), float(state["train_time"])
+        skips = Skips(**state.get("skips", {}))
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     bar = None
     if config.progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional (the train extra); only runs that show a bar need it
 
         bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, file=sys.stderr, dynamic_ncols=True,
                    desc=f"{registry.label(method)} seed {seed}", leave=False)
@@ -657,17 +577,24 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
                                          setup.task.regression)
             loss = model(input_ids=ids.to(setup.device), attention_mask=mask.to(setup.device),
                          labels=labels.to(setup.device)).loss
+            before = getattr(optimizer, "nonfinite_skips", 0)
             loss.backward()  # layer-wise: the update happens in here
             if handle is None:
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
+                updatable = sum(1 for p in trainable if p.grad is not None)
+                skipped = optimizer_step(optimizer, trainable, norm, updatable)
                 optimizer.zero_grad(set_to_none=True)
+            else:
+                updatable, skipped = len(trainable), getattr(optimizer, "nonfinite_skips", 0) - before
             scheduler.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise UsageError(f"{method}: the training loss became {value} in epoch {epoch + 1}; lower --lr "
                                  f"{method}= (now {config.resolved_lr(method):g})")
+            skips.record(skipped, updatable)
+            if skips.stalled(MAX_SKIPPED_STEPS):
+                raise skips.diverged(epoch * steps_per_epoch + start // config.batch_size + 1,
+                                     f"lower --lr {method}= (now {config.resolved_lr(method):g})", "")
             loss_sum += value
             if bar is not None:
                 bar.update(1)
@@ -679,10 +606,10 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
             bar.write(f"{registry.label(method)} seed {seed} epoch {epoch + 1}: {METRIC_NAMES[setup.task.metric]} "
                       f"{scores['score']:.2f}", file=sys.stderr)
         trained = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        _atomic_torch(checkpoint_path, {"epoch": epoch + 1, "model": trained,
-                                        "optimizer": (handle or optimizer).state_dict(),
-                                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                        "history": history, "train_time": train_time})
+        checkpoints.save({"format": CHECKPOINT_FORMAT, "step": (epoch + 1) * steps_per_epoch, "epoch": epoch + 1,
+                          "model": trained, "optimizer": (handle or optimizer).state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "history": history,
+                          "train_time": train_time, "skips": asdict(skips)})
         if on_epoch is not None:
             on_epoch(method, seed, epoch + 1)
     if bar is not None:
@@ -698,12 +625,18 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
               "train_seconds": train_time, "lr": settings["lr"], "layerwise": settings["layerwise"],
               "rank": config.rank if registry.get(method).ranked else None,
               "scale": settings["scale"],
-              "update_proj_gap": config.update_proj_gap if registry.get(method).projected else None}
+              "update_proj_gap": config.update_proj_gap if registry.get(method).projected else None,
+              "skipped_steps": skips.skipped_steps, "skipped_updates": skips.skipped_updates}
+    if skips.skipped_updates:
+        setup.log(f"warning: {registry.label(method)} seed {seed}: {skips.skipped_steps} of {total_steps} steps "
+                  f"made no update and {skips.skipped_updates} parameter updates were skipped in all (non-finite "
+                  "gradients)")
     if handle is not None:
         handle.remove()
-    _atomic_json(result_path, result)
-    with contextlib.suppress(OSError):
-        checkpoint_path.unlink()  # the result is what a finished run keeps
+    _atomic_json(checkpoints.path / "result.json", result)
+    for done in (checkpoints.checkpoint, checkpoints.previous):  # the result is what a finished run keeps
+        with contextlib.suppress(OSError):
+            done.unlink()
     return result
 
 

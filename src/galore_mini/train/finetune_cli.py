@@ -19,15 +19,17 @@ import sys
 from pathlib import Path
 
 from galore_mini.errors import UsageError
+from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig, TrainConfig
+from galore_mini.train.finetune import WARMUP_RATIO, run_finetune
+from galore_mini.train.loop import train
 from galore_mini.train.pretrain_cli import parse_lr
+from galore_mini.train.tasks import load_task
 
 DEMO_PRETRAIN_STEPS = 300
 DEMO_SEEDS = (0, 1, 2)
 
 
 def register(subparsers) -> None:
-    from galore_mini.train.finetune import DEFAULT_GAP, FINETUNE_METHODS, WARMUP_RATIO
-
     p = subparsers.add_parser(
         "finetune", help="fine-tune one model with several methods on a labelled task and tabulate them",
         description="Fine-tune one pretrained model with several methods (full, LoRA, GaLore, GaLore-mini, "
@@ -75,8 +77,6 @@ def _parse_seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 
 def demo_model(out: str, log=lambda m: None, steps: int = DEMO_PRETRAIN_STEPS) -> str:
     """`tiny` pretrained with AdamW on the default corpus into ``OUT/pretrain`` (reused when finished there)."""
-    from galore_mini.train.loop import TrainConfig, train
-
     folder = Path(out) / "pretrain"
     if (folder / "final.json").is_file() and (folder / "checkpoint.pt").is_file():
         log(f"reusing the pretrained demo model in {folder}")
@@ -88,9 +88,6 @@ def demo_model(out: str, log=lambda m: None, steps: int = DEMO_PRETRAIN_STEPS) -
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from galore_mini.train.finetune import FinetuneConfig, run_finetune
-    from galore_mini.train.tasks import load_task
-
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import json
 import math
@@ -66,314 +67,26 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
-from galore_mini.train.baselines import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE
+from galore_mini.memory import optimizer_state_bytes, weights_bytes
+from galore_mini.train import sharded
+from galore_mini.train.config import (  # noqa: F401  (names re-exported for callers of loop)
+    TrainConfig, check_optimizer_options, config_fields, load_config_file, make_config, optimizer_option_errors)
+from galore_mini.train.data import prepare_data
 from galore_mini.train.evaluate import EvalResult, evaluate, perplexity
 from galore_mini.train.runs import (  # noqa: F401  (names re-exported for callers of loop)
-    CHECKPOINT, CHECKPOINT_FORMAT, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save)
-
-# fields that may differ between a run and its resumption (they do not change the trajectory)
-_RESUME_FREE = {"resume", "overwrite", "progress", "out", "save_every", "log_every", "cache_dir", "device",
-                "max_skipped_steps"}
-# create_optimizer keywords that have flags of their own
-_FLAG_OPTIONS = {"lr": "--lr", "rank": "--rank", "update_proj_gap": "--update-proj-gap", "scale": "--scale",
-                 "weight_decay": "--weight-decay", "betas": "--beta1/--beta2", "proj_type": "--proj-type",
-                 "method": "--method", "model": "--model"}
-
-
-class TrainingDiverged(UsageError):
-    """The loss became NaN or infinite; the message says which knob to turn."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a pretraining run depends on; CLI flags and TOML/YAML files map onto these fields."""
-
-    # what
-    model: str = "tiny"
-    method: str = "galore_mini"
-    # data (see galore_mini.train.data)
-    data: str | None = None
-    tokenizer: str | None = None
-    vocab_size: int = 8192
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    val_tokens: int = 65536
-    cache_dir: str | None = None
-    # batch and length
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 500
-    # optimizer and schedule
-    lr: float | None = None
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    max_skipped_steps: int = 20  # stop after this many consecutive steps without any update (0: never)
-    rank: int | None = None
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    optimizer_options: str = ""  # "key=value,..." passed to gm.create_optimizer (e.g. moment_policy=project)
-    # baselines
-    lora_alpha: float = LORA_ALPHA
-    lora_dropout: float = LORA_DROPOUT
-    relora_every: int | None = None
-    relora_warmup: int | None = None
-    relora_prune: float = RELORA_PRUNE
-    # the run
-    eval_every: int = 100
-    log_every: int = 10
-    save_every: int = 100
-    out: str = "runs/pretrain"
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = False
-    fsdp: bool = False  # shard the model with FSDP2 (fully_shard per decoder layer + root) instead of DDP
-    fsdp_mixed_precision: str | None = None  # "bf16": FSDP2 computes in bf16, reduces gradients in fp32
-    progress: bool = True
-
-    # -- derived values -------------------------------------------------------------------------
-
-    def resolved_lr(self) -> float:
-        return registry.get(self.method, "--method").default_lr if self.lr is None else self.lr
-
-    def resolved_rank(self) -> int:
-        if self.rank is not None:
-            return self.rank
-        from galore_mini.train.memory import default_rank
-
-        return default_rank(self.model)
-
-    def resolved_warmup(self) -> int:
-        return max(1, round(0.1 * self.steps)) if self.warmup_steps is None else self.warmup_steps
-
-    def resolved_relora_every(self) -> int:
-        return max(1, self.steps // 4) if self.relora_every is None else self.relora_every
-
-    def resolved_relora_warmup(self) -> int:
-        every = self.resolved_relora_every()
-        return max(1, every // 10) if self.relora_warmup is None else self.relora_warmup
-
-    def parsed_optimizer_options(self) -> dict[str, Any]:
-        """``"moment_policy=project,adaptive_gap=true"`` → ``{"moment_policy": "project", "adaptive_gap": True}``."""
-        options: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in self.optimizer_options.split(","))):
-            key, sep, text = item.partition("=")
-            if not sep or not key.strip():
-                raise UsageError(f"--optimizer-options: {item!r} is not KEY=VALUE")
-            key = key.strip()
-            if key in _FLAG_OPTIONS:
-                raise UsageError(f"--optimizer-options: {key!r} has a flag of its own; use {_FLAG_OPTIONS[key]}")
-            options[key] = _parse_value(text.strip())
-        return options
-
-    def validate(self) -> None:
-        """Every field checked before anything is built, each failure a `UsageError` naming the flag."""
-        method = registry.get(self.method, "--method")
-
-        def positive(name: str, allow_zero: bool = False) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                bound = "a non-negative" if allow_zero else "a positive"
-                raise UsageError(f"--{name.replace('_', '-')}={value!r} must be {bound} integer")
-
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "val_tokens", "update_proj_gap"):
-            positive(name)
-        for name in ("eval_every", "log_every", "save_every", "max_skipped_steps"):
-            positive(name, allow_zero=True)
-        for name in ("warmup_steps", "rank", "relora_every", "relora_warmup"):
-            if getattr(self, name) is not None:
-                positive(name, allow_zero=name in ("warmup_steps", "relora_warmup"))
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr={self.lr!r} must be a positive number")
-        for name, low, high in (("min_lr_ratio", 0.0, 1.0), ("lora_dropout", 0.0, 1.0), ("relora_prune", 0.0, 1.0),
-                                ("val_fraction", 0.0, 1.0)):
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise UsageError(f"--{name.replace('_', '-')}={value!r} must be between {low} and {high}")
-        for name in ("beta1", "beta2"):  # beta = 1 never forgets and divides by zero in the bias correction
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise UsageError(f"--{name}={value!r} must be in [0, 1), e.g. 0.9 for beta1 and 0.999 for beta2")
-        for name in ("weight_decay", "grad_clip", "scale", "lora_alpha"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise UsageError(f"--{name.replace('_', '-')}={value!r} must be a non-negative number")
-        from galore_mini.optim.projection import PROJ_TYPES
-
-        if self.proj_type not in PROJ_TYPES:
-            raise UsageError(f"--proj-type={self.proj_type!r}: use one of {', '.join(PROJ_TYPES)}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise UsageError(f"--device={self.device!r}: use auto, cpu or cuda[:N]")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
-                             "--overwrite deletes it; give one")
-        if self.fsdp_mixed_precision is not None:
-            from galore_mini.train.sharded import MIXED_PRECISION
-
-            if not self.fsdp:
-                raise UsageError(f"--fsdp-mixed-precision={self.fsdp_mixed_precision} is FSDP2's policy; add --fsdp")
-            if self.fsdp_mixed_precision not in MIXED_PRECISION:
-                raise UsageError(f"--fsdp-mixed-precision={self.fsdp_mixed_precision!r}: use "
-                                 f"{', '.join(MIXED_PRECISION)} (or leave it out for fp32)")
-        if self.fsdp:
-            from galore_mini.train.sharded import check_method
-
-            check_method(self.method)
-        options = self.parsed_optimizer_options()
-        if options and method.kind == "adapter":
-            raise UsageError(f"--optimizer-options apply to the optimizer methods, not to {self.method!r}")
-        if options:
-            check_optimizer_options(self.method, options, self.optimizer_options)
-
-
-def check_optimizer_options(method: str, options: dict[str, Any], text: str) -> None:
-    """Refuse `options` that do not fit, before any data is read: wrong types, then whatever the optimizer
-    itself refuses when built over a two-layer stand-in model and stepped once (global RNG untouched)."""
-    from galore_mini.optim.core import PROJECTION_DEFAULTS
-
-    expected = {k: type(v) for k, v in PROJECTION_DEFAULTS.items() if v is not None} | {"eps": float}
-    for key, value in options.items():
-        kind = expected.get(key)
-        if kind is None:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = isinstance(value, bool) if kind is bool else number if kind in (int, float) else isinstance(value, kind)
-        if not ok:
-            wanted = {bool: "true or false", str: "a word"}.get(kind, "a number")
-            raise UsageError(f"--optimizer-options: {key}={value!r} must be {wanted}")
-    key = (method, tuple(sorted((k, repr(v)) for k, v in options.items())))
-    if key in _OPTIONS_CHECKED:  # validate() runs for make_config and again in train()
-        return
-    with optimizer_option_errors(text), torch.random.fork_rng(devices=[]):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        import galore_mini as gm
-
-        torch.manual_seed(0)
-        stand_in = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=2, num_attention_heads=2,
-                                                max_position_embeddings=8))
-        optimizer = gm.create_optimizer(stand_in, method, rank=2, **options)
-        for p in stand_in.parameters():
-            p.grad = torch.full_like(p, 1e-3)
-        optimizer.step()
-    _OPTIONS_CHECKED.add(key)
-
-
-_OPTIONS_CHECKED: set[tuple] = set()
-
-
-@contextlib.contextmanager
-def optimizer_option_errors(text: str):
-    """What the optimizer says about `--optimizer-options`, as one `UsageError` naming the flag."""
-    try:
-        yield
-    except (UsageError, ValueError, TypeError, FloatingPointError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--optimizer-options={text!r}: {first}") from None
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(TrainConfig)}
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Fields from a ``.toml`` or ``.yaml``/``.yml`` file (keys may use dashes); unknown keys are an error."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--config: no such file {path!r}")
-    try:
-        if path.endswith(".toml"):
-            import tomllib
-
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
-        elif path.endswith((".yaml", ".yml")):
-            import yaml
-
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        else:
-            raise UsageError(f"--config: {path!r} must end in .toml, .yaml or .yml")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        if isinstance(exc, UsageError):
-            raise
-        raise UsageError(f"--config: cannot read {path!r} ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise UsageError(f"--config: cannot parse {path!r} ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"--config: {path!r} must hold a table of settings")
-    known = config_fields()
-    out = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise UsageError(f"--config: unknown setting {key!r} in {path!r}")
-        out[name] = value
-    return out
-
-
-def make_config(file_values: dict[str, Any] | None = None, **flags: Any) -> TrainConfig:
-    """Defaults ← config file ← explicit flags, type-checked against the dataclass."""
-    values = {**(file_values or {}), **flags}
-    known = config_fields()
-    for name, value in values.items():
-        if name not in known:
-            raise UsageError(f"unknown setting {name!r}")
-        default = known[name].default
-        expected = type(default) if default is not None else None
-        if value is None or expected is None:
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        elif expected is bool and not isinstance(value, bool):
-            raise UsageError(f"setting {name}={value!r} must be true or false")
-        elif expected in (int, str) and (not isinstance(value, expected) or isinstance(value, bool)):
-            raise UsageError(f"setting {name}={value!r} must be {'an integer' if expected is int else 'a string'}")
-    if isinstance(values.get("lr"), int) and not isinstance(values.get("lr"), bool):
-        values["lr"] = float(values["lr"])
-    config = TrainConfig(**values)
-    config.validate()
-    return config
-
-
-# -- the learning-rate schedule -------------------------------------------------------------------------
-
-
-def cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """LR multiplier for update `step` (0-based): linear warm-up to 1, then cosine to `min_ratio` at the end."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+    CHECKPOINT, CHECKPOINT_FORMAT, DCP_META, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save)
+from galore_mini.train.steps import (  # noqa: F401  (names re-exported for callers of loop)
+    Skips, TrainingDiverged, cosine_factor, count_parameters, optimizer_step)
 
 # -- distributed set-up -----------------------------------------------------------------------------------
 
@@ -397,9 +110,7 @@ class Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
+            tdist.barrier()
 
 
 def setup_distributed(device: str, fsdp: bool = False) -> Dist:
@@ -414,26 +125,22 @@ def setup_distributed(device: str, fsdp: bool = False) -> Dist:
     if world <= 1:
         single = torch.device(device if device.startswith("cuda") else ("cuda" if use_cuda else "cpu"))
         if fsdp:
-            from galore_mini.train.sharded import world_of_one_group
-
             if single.index is not None:
                 torch.cuda.set_device(single)
             importlib.import_module("torch.distributed.nn.functional")  # see below
-            world_of_one_group("nccl" if single.type == "cuda" else "gloo")
+            sharded.world_of_one_group("nccl" if single.type == "cuda" else "gloo")
         return Dist(device=single)
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    if not tdist.is_initialized():
         # DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
         # `group=group.WORLD` as a default argument: imported after init_process_group, those defaults
         # hold the world process group for the life of the interpreter, so destroy_process_group cannot
         # free it and gloo's worker and socket threads run on into interpreter shutdown (the intermittent
         # "terminate called without an active exception" at exit). Imported first, they hold None.
         importlib.import_module("torch.distributed.nn.functional")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
@@ -444,16 +151,12 @@ def leave_distributed(clean: bool = True) -> None:
     connections down while a peer may still send. After a failure there is no barrier (a peer may never
     arrive); torchrun stops the other processes. A no-op outside a process group.
     """
-    import gc
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (tdist.is_available() and tdist.is_initialized()):
         return
     if clean:
-        dist.barrier()
+        tdist.barrier()
     gc.collect()  # anything in a reference cycle that still holds the group goes while Python is whole
-    dist.destroy_process_group()
+    tdist.destroy_process_group()
 
 
 # -- run folder and checkpoints ----------------------------------------------------------------------------
@@ -472,8 +175,6 @@ def on_main(dist_info: Dist, fn: Callable[[], Any]) -> Any:
     """
     if not dist_info.enabled:
         return fn()
-    import torch.distributed as tdist
-
     outcome: list[Any] = [None]
     failure: BaseException | None = None
     if dist_info.is_main:
@@ -509,10 +210,8 @@ def _gather_rng(dist_info: Dist) -> list[dict[str, torch.Tensor]]:
     mine = _rng_state(dist_info.device)
     if not dist_info.enabled:
         return [mine]
-    import torch.distributed as dist
-
     everyone: list[Any] = [None] * dist_info.world_size
-    dist.all_gather_object(everyone, {k: v.cpu() for k, v in mine.items()})
+    tdist.all_gather_object(everyone, {k: v.cpu() for k, v in mine.items()})
     return everyone
 
 
@@ -583,36 +282,15 @@ def build_training(config: TrainConfig, vocab_size: int, device: torch.device,
     return model, optimizer, relora
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, trainable parameters), shared ones once."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
-
-
-def _memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    from galore_mini.train.memory import optimizer_state_bytes, weights_bytes
-
-    return weights_bytes(model), optimizer_state_bytes(optimizer)
-
-
 # -- the loop ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Progress:
+class Progress(Skips):
     """What changes from step to step and must survive a resume (it is saved in every checkpoint)."""
 
     step: int = 0  # updates completed
     train_time: float = 0.0  # seconds spent in training steps (evaluation and saving excluded)
-    skipped_steps: int = 0  # steps in which no parameter was updated (non-finite gradients)
-    skipped_updates: int = 0  # parameter updates skipped, over all steps
-    consecutive_skips: int = 0  # skipped steps in a row, up to the last step
 
 
 @dataclass
@@ -697,8 +375,6 @@ def train(config: TrainConfig, data=None, *, on_step: Callable[[int], None] | No
 def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callable[[str], None], data=None,
            load_dataset: Callable | None = None) -> Run:
     """Data, model, optimizer, schedule and batch stream for `config`, every process the same."""
-    from galore_mini.train.data import prepare_data
-
     if data is None:
         data = prepare_data(config.data, seq_len=config.seq_len, vocab_size=config.vocab_size,
                             tokenizer=config.tokenizer, val_fraction=config.val_fraction, val_tokens=config.val_tokens,
@@ -710,8 +386,6 @@ def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callabl
 
     broadcast = None
     if dist_info.enabled:
-        import torch.distributed as tdist
-
         def broadcast(t: torch.Tensor) -> None:
             tdist.broadcast(t, src=0)
 
@@ -752,9 +426,6 @@ def resume(run: Run) -> None:
         run.log(f"no checkpoint in {folder.path}; starting from scratch")
         return
     if config.fsdp:
-        from galore_mini.train import sharded
-        from galore_mini.train.runs import DCP_META
-
         state = loaded["state"] if dist_info.is_main else folder.load(f"{name}/{DCP_META}", sharded=True)
         if _check_resumable(config, state, dist_info):
             saved_world = len(state["rng"])
@@ -787,8 +458,6 @@ def start_logging(run: Run) -> None:
     dist_info.barrier()
     run.ddp_model = run.model
     if dist_info.enabled and not run.config.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
         run.ddp_model = DistributedDataParallel(run.model, device_ids=[dist_info.local_rank]
                                                 if dist_info.device.type == "cuda" else None)
     run.bar = _progress_bar(run.config, run.progress.step, dist_info.is_main)
@@ -818,14 +487,12 @@ def train_step(run: Run, step: int) -> StepOutcome:
     norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
     step_lr = run.optimizer.param_groups[0]["lr"]
     updatable = sum(1 for p in trainable if p.grad is not None)
-    skipped = _optimizer_step(run.optimizer, trainable, norm, updatable)
+    skipped = optimizer_step(run.optimizer, trainable, norm, updatable)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.relora is not None:
         run.relora.after_step(step)
     if dist_info.enabled:
-        import torch.distributed as tdist
-
         tdist.all_reduce(step_loss)
         step_loss /= dist_info.world_size
     loss_value = float(step_loss)
@@ -836,38 +503,13 @@ def train_step(run: Run, step: int) -> StepOutcome:
     return StepOutcome(loss_value, step_lr, time.perf_counter() - started, skipped, updatable)
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
-                    norm: torch.Tensor | None, updatable: int) -> int:
-    """Step `optimizer`; how many parameter updates were skipped for non-finite gradients.
-
-    Our optimizers skip and count per parameter (``nonfinite_skips``). torch's do not look: there the
-    whole update is skipped when the global gradient norm is not finite, so a NaN never reaches the
-    weights of any method.
-    """
-    before = getattr(optimizer, "nonfinite_skips", None)
-    if before is None:
-        if norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of DTensor gradients is a DTensor
-            norm = norm.full_tensor()
-        if not math.isfinite(float(norm)):
-            return updatable
-        optimizer.step()
-        return 0
-    optimizer.step()
-    return optimizer.nonfinite_skips - before
-
-
 def after_step(run: Run, outcome: StepOutcome) -> None:
     """Count the step, update the bar, and log, stop on a stall, evaluate and save when due."""
     config, progress, window = run.config, run.progress, run.window
     progress.step += 1
     done = progress.step
     progress.train_time += outcome.seconds
-    progress.skipped_updates += outcome.skipped
-    stalled = outcome.updatable > 0 and outcome.skipped >= outcome.updatable
-    progress.skipped_steps += stalled
-    progress.consecutive_skips = progress.consecutive_skips + 1 if stalled else 0
+    progress.record(outcome.skipped, outcome.updatable)
     window.tokens += run.tokens_per_step
     window.time += outcome.seconds
     window.loss += outcome.loss
@@ -881,14 +523,11 @@ def after_step(run: Run, outcome: StepOutcome) -> None:
                      loss=window.loss / window.steps, lr=outcome.lr, tokens_per_s=window.tokens / max(window.time, 1e-9),
                      skipped_steps=progress.skipped_steps, skipped_updates=progress.skipped_updates)
         run.window = _Window()
-    if config.max_skipped_steps and progress.consecutive_skips >= config.max_skipped_steps:
+    if progress.stalled(config.max_skipped_steps):
         _log_metrics(run.folder.metrics, run.dist, kind="diverged", step=done, skipped_steps=progress.skipped_steps,
                      skipped_updates=progress.skipped_updates)
-        raise TrainingDiverged(
-            f"diverged: every update of the last {progress.consecutive_skips} steps (to step {done}) was skipped "
-            f"for non-finite gradients, so the model stopped learning; lower --lr (now {config.resolved_lr():g}) "
-            f"or raise --warmup-steps (--max-skipped-steps={config.max_skipped_steps} sets how many such steps stop "
-            "a run)")
+        raise progress.diverged(done, f"lower --lr (now {config.resolved_lr():g}) or raise --warmup-steps ",
+                                f"(--max-skipped-steps={config.max_skipped_steps} sets how many such steps stop a run)")
     if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
         run.last_eval = run_eval(run)
     if (config.save_every and done % config.save_every == 0) or done == config.steps:
@@ -915,15 +554,13 @@ def save(run: Run) -> None:
     rng = _gather_rng(run.dist)
     progress = run.progress
     if run.config.fsdp:
-        from galore_mini.train import sharded
-
-        meta = {"format": CHECKPOINT_FORMAT, "step": progress.step, "config": asdict(run.config),
+        meta = {"format": CHECKPOINT_FORMAT, "step": progress.step, "config": run.config.flat(),
                 "scheduler": run.scheduler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
                 "train_time": progress.train_time, "progress": asdict(progress), "world_size": run.dist.world_size}
         sharded.save_checkpoint(run.folder, run.model, run.optimizer, meta, run.dist.is_main, run.dist.barrier)
         return
     if run.dist.is_main:
-        run.folder.save({"format": CHECKPOINT_FORMAT, "step": progress.step, "config": asdict(run.config),
+        run.folder.save({"format": CHECKPOINT_FORMAT, "step": progress.step, "config": run.config.flat(),
                          "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                          "scheduler": run.scheduler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
                          "train_time": progress.train_time, "progress": asdict(progress),
@@ -939,11 +576,9 @@ def result(run: Run) -> dict[str, Any]:
         run.last_eval = evaluate(run.model, run.data.val, config.batch_size, dist_info.device, run.autocast_dtype,
                                  dist_info.rank, dist_info.world_size, collective=config.fsdp)
     if config.fsdp:  # what process 0 holds: its shards
-        from galore_mini.train import sharded
-
         weights, optimizer_bytes = sharded.memory(run.model, run.optimizer)
     else:
-        weights, optimizer_bytes = _memory(run.model, run.optimizer)
+        weights, optimizer_bytes = weights_bytes(run.model), optimizer_state_bytes(run.optimizer)
     total_params, trainable_params = run.params
     tokens = config.steps * run.tokens_per_step
     figures = {
@@ -979,9 +614,7 @@ def _check_resumable(config: TrainConfig, state: dict, dist_info: Dist) -> bool:
     saved_world = int(state.get("world_size", 1))
     resharded = config.fsdp and saved_world != dist_info.world_size
     # resharded, the per-process batch changes with the world size; the global batch is checked below
-    free = _RESUME_FREE | ({"batch_size"} if resharded else set())
-    differing = sorted(name for name, value in asdict(config).items()
-                       if name not in free and name in saved and saved[name] != value)
+    differing = config.differences(saved, {"batch_size"} if resharded else set())
     if differing:
         detail = ", ".join(f"{n}: checkpoint {saved[n]!r}, now {getattr(config, n)!r}" for n in differing)
         raise UsageError(f"--resume: the checkpoint in {config.out} was made with other settings ({detail}); "
@@ -1020,6 +653,6 @@ def _logger(is_main: bool) -> Callable[[str], None]:
 def _progress_bar(config: TrainConfig, start: int, is_main: bool):
     if not (config.progress and is_main):
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional (the train extra); only runs that show a bar need it
 
     return tqdm(total=config.steps, initial=start, desc=f"{config.method}", dynamic_ncols=True, file=sys.stderr)

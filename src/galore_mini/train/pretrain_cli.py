@@ -1,7 +1,7 @@
 """``galore-mini pretrain`` and ``galore-mini compare``.
 
-``pretrain`` trains one method: every :class:`~galore_mini.train.loop.TrainConfig`
-field is a flag (``--batch-size``, ``--update-proj-gap`` …); ``--config FILE``
+``pretrain`` trains one method: every field of :class:`~galore_mini.train.config.TrainConfig`
+(and its components) is a flag, its help the field's docstring (``--batch-size``, ``--update-proj-gap`` …); ``--config FILE``
 (TOML or YAML, same names) supplies values that explicit flags override.
 
 ``compare`` trains several methods one after another on the same data,
@@ -24,80 +24,31 @@ from typing import Any
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.methods import DEMO_METHODS
+from galore_mini.train.config import (TrainConfig, config_fields, field_help, flag, leaves, load_config_file,
+                                      make_config, value_type)
+from galore_mini.train.data import prepare_data
+from galore_mini.train.loop import TrainingDiverged, leave_distributed, read_metrics, train
+from galore_mini.train.plots import label, plot_losses, plot_memory
+from galore_mini.train.runs import RunFolder
 
 DEMO_STEPS = 300
 
-_HELP = {
-    "model": "named size (tiny, llama_20m, llama_60m, llama_130m, llama_350m, llama_1b, llama_7b) or a JSON "
-             "LlamaConfig path",
-    "method": "optimizer or baseline (see docs/pretraining.md)",
-    "data": "text file, folder of .txt/.jsonl, or 'c4' (default: the Python docs from python3.11-doc, else the "
-            "standard library's sources)",
-    "tokenizer": "pretrained tokenizer (tokenizer.json, folder or hub name); default: BPE trained on the data",
-    "vocab_size": "vocabulary of the trained BPE",
-    "seq_len": "tokens per row",
-    "val_fraction": "share of documents held out for validation",
-    "val_tokens": "validation tokens scored (a fixed set)",
-    "cache_dir": "where tokenizer and token ids are cached (default: beside the data, or ~/.cache/galore-mini)",
-    "batch_size": "rows per micro-batch per process",
-    "grad_accum": "micro-batches per optimizer step",
-    "steps": "optimizer steps",
-    "lr": "peak learning rate (default: per method, see docs/pretraining.md)",
-    "warmup_steps": "linear warm-up steps (default: 10%% of --steps)",
-    "min_lr_ratio": "cosine schedule ends at this fraction of the peak",
-    "weight_decay": "decoupled weight decay (not on norms and biases)",
-    "beta1": "Adam beta1",
-    "beta2": "Adam beta2",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "max_skipped_steps": "stop as diverged after this many consecutive steps whose every update was skipped for "
-                         "non-finite gradients (0: never)",
-    "rank": "GaLore / low-rank / LoRA rank (default: per model size, 32 for tiny)",
-    "update_proj_gap": "GaLore subspace refresh interval T",
-    "scale": "GaLore scale alpha",
-    "proj_type": "GaLore projection side: std, reverse_std, left, right, full",
-    "optimizer_options": "extra gm.create_optimizer options as KEY=VALUE,... (e.g. moment_policy=project,"
-                         "proj_method=power); optimizer methods only",
-    "lora_alpha": "LoRA alpha",
-    "lora_dropout": "LoRA dropout",
-    "relora_every": "ReLoRA: merge and restart every N steps (default: --steps/4)",
-    "relora_warmup": "ReLoRA: LR re-warm-up steps after a restart (default: a tenth of --relora-every)",
-    "relora_prune": "ReLoRA: fraction of adapter moments zeroed by magnitude at a restart",
-    "eval_every": "validate every N steps (0: only at the end)",
-    "log_every": "write a metrics line every N steps",
-    "save_every": "checkpoint every N steps (0: only at the end)",
-    "out": "run folder: metrics.jsonl, checkpoint.pt, final.json",
-    "resume": "continue from OUT/checkpoint.pt (or checkpoint.prev.pt when the newest is unreadable)",
-    "overwrite": "delete the run already in OUT and start again (without it, an OUT holding a run is refused)",
-    "seed": "seed of the initial weights and the data order",
-    "device": "auto, cpu or cuda[:N]",
-    "bf16": "bfloat16 autocast",
-    "fsdp": "under torchrun: shard the model with FSDP2 (each decoder layer and the root) instead of DDP; "
-            "checkpoints become DCP folders (OUT/checkpoint-dcp/)",
-    "fsdp_mixed_precision": "with --fsdp: bf16 (compute in bfloat16, reduce gradients in fp32; default: fp32)",
-    "progress": "progress bar",
-}
-
-
 def _add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
                       shown_defaults: dict[str, Any] | None = None) -> None:
-    """One flag per TrainConfig field, defaulting to 'not given' so files and defaults show through."""
-    from galore_mini.train.loop import config_fields
-
-    for name, field in config_fields().items():
+    """One flag per TrainConfig field, its help the field's docstring, defaulting to 'not given' so that
+    files and defaults show through."""
+    for owner, field, default in leaves(TrainConfig):
+        name = field.name
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
-        help_text = _HELP.get(name, "")
-        default = field.default
+        help_text = field_help(owner).get(name, "").replace("%", "%%")
         shown = (shown_defaults or {}).get(name, default)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        kind = value_type(owner, name)
+        if kind is bool:
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
             continue
-        kind = {int: int, float: float, str: str}.get(type(default))
-        if kind is None:  # None default: int or float or str by name
-            kind = {"lr": float, "warmup_steps": int, "rank": int, "relora_every": int, "relora_warmup": int}.get(
-                name, str)
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=name.upper(),
+        parser.add_argument(flag(name), type=kind or str, default=argparse.SUPPRESS, metavar=name.upper(),
                             help=f"{help_text} (default: {shown})" if shown not in (None, "") else help_text)
 
 
@@ -124,14 +75,10 @@ def register(subparsers) -> None:
 
 
 def _given(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
-    from galore_mini.train.loop import config_fields
-
     return {name: getattr(args, name) for name in config_fields() if name not in skip and hasattr(args, name)}
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from galore_mini.train.loop import leave_distributed, load_config_file, make_config, train
-
     file_values = load_config_file(args.config) if args.config else {}
     config = make_config(file_values, **_given(args, set()))
     clean = False
@@ -194,9 +141,6 @@ def compare_defaults() -> dict[str, Any]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from galore_mini.train.data import prepare_data
-    from galore_mini.train.loop import TrainingDiverged, load_config_file, make_config, read_metrics, train
-
     methods = parse_methods(args.methods)
     lrs = parse_lr(args.lr, methods)
     file_values = load_config_file(args.config) if args.config else {}
@@ -236,8 +180,6 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _check_compare_out(out: str, configs: dict[str, Any]) -> None:
     """Refuse, before any data is read, an --out that is a file or holds runs that would be clobbered."""
-    from galore_mini.train.runs import RunFolder
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out={out!r} is a file, not a folder; name a folder for the comparison")
     held = [m for m, c in configs.items() if not (c.resume or c.overwrite) and RunFolder(c.out).run_files()]
@@ -248,8 +190,6 @@ def _check_compare_out(out: str, configs: dict[str, Any]) -> None:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table, like the paper's Table 2 (perplexity, memory, rank)."""
-    from galore_mini.train.plots import label
-
     mib = 2 ** 20
     full = next((r for r in results if r["method"] == "full" and math.isfinite(r.get("val_ppl", math.inf))), None)
     rows = ["| method | val ppl | vs AdamW | val loss | rank | lr | weights (MiB) | optimizer state (MiB) "
@@ -269,8 +209,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def write_results(out: str, results: list[dict[str, Any]], curves: dict[str, list], config, data_description: str,
                   wall_s: float, argv: list[str]) -> None:
     """results.json, results.md, loss.png and memory.png in `out`."""
-    from galore_mini.train.plots import plot_losses, plot_memory
-
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
         f.write("\n")

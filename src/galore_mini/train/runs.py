@@ -23,6 +23,13 @@ A run folder holds ``metrics.jsonl``, ``checkpoint.pt`` (the newest checkpoint),
   ``checkpoint.prev.pt`` and moves the bad file aside (``checkpoint.pt.corrupt``) so the
   next save cannot rotate it into the fallback slot. With no readable checkpoint it is one
   :class:`~galore_mini.errors.UsageError`, never an unpickler traceback.
+* **Integrity.** Every file saved through :func:`atomic_save` ends in a trailer holding the
+  SHA-256 of what precedes it (``torch.load`` ignores it); :func:`read_checkpoint` verifies it
+  before unpickling, so damage inside a file that still opens (flipped bytes mid-file) is caught
+  and treated like a truncated file: moved aside, the previous checkpoint used, one line saying
+  so. Files written before the trailer existed are checked with the zip archive's own CRC-32 of
+  every record. A DCP folder's ``meta.pt`` holds the digest of each of its data files.
+  The fine-tuning harness and ``export_pretrained`` load through the same function.
 * **Sharded runs** (``--fsdp``) keep DCP folders instead: ``checkpoint-dcp/`` and
   ``checkpoint-dcp.prev/``, published by :meth:`RunFolder.publish_dcp` (temporary folder, then
   renames) and picked by :meth:`RunFolder.newest_readable_dcp` with the same fall-back. A folder
@@ -48,6 +55,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +63,7 @@ import socket
 import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -72,7 +81,11 @@ FINAL = "final.json"
 LOCK = ".lock"
 CHECKPOINT_FORMAT = 1
 # what a loadable checkpoint must hold
-_CHECKPOINT_KEYS = ("format", "step", "model", "optimizer", "scheduler", "data", "rng")
+CHECKPOINT_KEYS = ("format", "step", "model", "optimizer", "scheduler", "data", "rng")
+DCP_META_KEYS = ("format", "step", "scheduler", "data", "rng")
+# the trailer after a saved file's bytes: a marker and the hex SHA-256 of everything before the marker
+DIGEST_MARK = b"\n#galore-mini-sha256:"
+_TRAILER = len(DIGEST_MARK) + 64
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -109,9 +122,93 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(path.parent)
 
 
+class _Hashing:
+    """A write-only file that hashes what passes through it (``torch.save`` needs only ``write``)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name: str) -> Any:  # tell, fileno ...: the file's own
+        return getattr(self.f, name)
+
+
+def save_with_digest(obj: Any, f: BinaryIO) -> None:
+    """``torch.save(obj, f)`` followed by the digest trailer (see the module docstring)."""
+    hashing = _Hashing(f)
+    torch.save(obj, hashing)
+    f.write(DIGEST_MARK + hashing.sha.hexdigest().encode("ascii"))
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through :func:`atomic_write`, with the digest trailer."""
+    atomic_write(path, lambda f: save_with_digest(obj, f))
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def integrity_problem(path: Path) -> str:
+    """Why the saved file `path` is damaged ('' when its digest, or for an older file its zip CRCs, agree)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - _TRAILER))
+        tail = f.read()
+    if tail[:len(DIGEST_MARK)] == DIGEST_MARK and len(tail) == _TRAILER:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            left = size - _TRAILER
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    break
+                sha.update(block)
+                left -= len(block)
+        if sha.hexdigest() != tail[len(DIGEST_MARK):].decode("ascii", "replace"):
+            return f"damaged: its content does not match its SHA-256 digest ({size:,} bytes)"
+        return ""
+    try:  # written before digests: the zip archive's CRC-32 of every record
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return ""  # not a zip at all: torch.load's verdict below says what it is
+    return f"damaged: record {bad} fails its CRC-32 check ({size:,} bytes)" if bad else ""
+
+
+def read_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> tuple[dict | None, str]:
+    """(state, '') or (None, why `path` cannot be used): missing, empty, damaged (digest), unreadable,
+    without the `keys` a checkpoint must hold, or of another format. Never raises for a bad file."""
+    if not path.exists():
+        return None, "missing"
+    size = path.stat().st_size
+    if size == 0:
+        return None, "empty (0 bytes)"
+    why = integrity_problem(path)
+    if why:
+        return None, why
+    try:
+        with warnings.catch_warnings():  # a damaged file may also warn; the verdict below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on a damaged file (zip, pickle, EOF, OSError)
+        return None, f"unreadable: truncated, damaged or not a checkpoint ({type(exc).__name__}, {size:,} bytes)"
+    if not isinstance(state, dict) or any(key not in state for key in keys):
+        return None, "not a galore-mini checkpoint"
+    if "format" in state and state["format"] != CHECKPOINT_FORMAT:
+        return None, f"checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT}"
+    return state, ""
 
 
 def _process_start(pid: int) -> str | None:
@@ -134,11 +231,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _position(state: dict[str, Any]) -> str:
+    """Where a checkpoint stands: ``step N`` (or ``epoch N`` for a fine-tuning checkpoint of an older version)."""
+    return f"step {state['step']}" if "step" in state else f"epoch {state.get('epoch')}"
+
+
 class RunFolder:
     """One ``--out`` folder: claim it, lock it, save and load its checkpoints (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, keys: tuple[str, ...] = CHECKPOINT_KEYS, flag: str = "--resume",
+                 restart: str = "start again with --overwrite (or another --out)"):
         self.path = Path(path)
+        self.keys = keys  # what a checkpoint of this kind of run must hold
+        self.flag = flag  # what the messages about its checkpoints start with
+        self.restart = restart  # how the user starts the run again when no checkpoint can be read
         self.locked = False
 
     # -- names ---------------------------------------------------------------------------------------
@@ -319,7 +425,7 @@ class RunFolder:
         """Write `state` as the newest checkpoint; the one it replaces becomes ``checkpoint.prev.pt``."""
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=CHECKPOINT + ".tmp-")
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            save_with_digest(state, f)
             f.flush()
             os.fsync(f.fileno())
         if self.checkpoint.exists():
@@ -356,7 +462,8 @@ class RunFolder:
         A crash between them leaves no ``checkpoint-dcp``, and resume falls back to the previous one;
         a crash before leaves a ``*.tmp-*`` folder that resume deletes.
         """
-        atomic_save(meta, tmp / DCP_META)
+        files = {name: file_digest(tmp / name) for name in sorted(os.listdir(tmp)) if (tmp / name).is_file()}
+        atomic_save({**meta, "files": files}, tmp / DCP_META)
         for name in os.listdir(tmp):  # DCP's own files, made durable before the folder is published
             with contextlib.suppress(OSError):
                 fd = os.open(tmp / name, os.O_RDONLY)
@@ -377,7 +484,12 @@ class RunFolder:
             return None, "missing"
         if not (path / ".metadata").is_file():
             return None, "incomplete (no DCP .metadata)"
-        meta, why = RunFolder._read_checkpoint(path / DCP_META, keys=("format", "step", "scheduler", "data", "rng"))
+        meta, why = read_checkpoint(path / DCP_META, keys=DCP_META_KEYS)
+        for name, digest in (meta or {}).get("files", {}).items():  # sharded runs saved before digests: none
+            if not (path / name).is_file():
+                return None, f"incomplete (no {name})"
+            if file_digest(path / name) != digest:
+                return None, f"damaged: {name} does not match its SHA-256 digest"
         return meta, why
 
     def newest_readable_dcp(self, log: Callable[[str], None]) -> tuple[Path | None, dict[str, Any] | None]:
@@ -408,35 +520,15 @@ class RunFolder:
                 f"(step {previous['step']})")
         return self.dcp_previous, previous
 
-    @staticmethod
-    def _read_checkpoint(path: Path, keys: tuple[str, ...] = _CHECKPOINT_KEYS) -> tuple[dict | None, str]:
-        """(state, '') or (None, why it cannot be used)."""
-        if not path.exists():
-            return None, "missing"
-        size = path.stat().st_size
-        if size == 0:
-            return None, "empty (0 bytes)"
-        try:
-            with warnings.catch_warnings():  # a damaged file may also warn; the verdict below says it all
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch.load raises many types on a damaged file (zip, pickle, EOF, OSError)
-            return None, f"unreadable: truncated, damaged or not a checkpoint ({type(exc).__name__}, {size:,} bytes)"
-        if not isinstance(state, dict) or any(key not in state for key in keys):
-            return None, "not a galore-mini checkpoint"
-        if state["format"] != CHECKPOINT_FORMAT:
-            return None, f"checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT}"
-        return state, ""
-
     def newest_readable(self, log: Callable[[str], None]) -> tuple[str | None, dict[str, Any] | None]:
         """(name, state) of the checkpoint to resume from (falling back with a message); (None, None) if none.
 
         Raises a `UsageError` when checkpoints exist but none can be read.
         """
-        state, why = self._read_checkpoint(self.checkpoint)
+        state, why = read_checkpoint(self.checkpoint, self.keys)
         if state is not None:
             return CHECKPOINT, state
-        previous, why_previous = self._read_checkpoint(self.previous)
+        previous, why_previous = read_checkpoint(self.previous, self.keys)
         if why == "missing" and why_previous == "missing":
             if self.dcp_checkpoint.exists() or self.dcp_previous.exists():
                 raise UsageError(f"--resume: {self.path} holds a sharded checkpoint ({DCP_CHECKPOINT}/) of an "
@@ -446,21 +538,21 @@ class RunFolder:
         if previous is None:
             detail = (f"{self.checkpoint} is {why}" if why_previous == "missing"
                       else f"{self.checkpoint} is {why} and {self.previous} is {why_previous}")
-            raise UsageError(f"--resume: {detail}; there is no readable checkpoint to fall back on; start again "
-                             "with --overwrite (or another --out)")
+            raise UsageError(f"{self.flag}: {detail}; there is no readable checkpoint to fall back on; "
+                             f"{self.restart}")
         if why != "missing":
             aside = self.path / (CHECKPOINT + ".corrupt")
             os.replace(self.checkpoint, aside)
-            log(f"--resume: {self.checkpoint} is {why}; moved it to {aside.name} and falling back to {PREVIOUS} "
-                f"(step {previous['step']})")
+            log(f"{self.flag}: {self.checkpoint} is {why}; moved it to {aside.name} and falling back to {PREVIOUS} "
+                f"({_position(previous)})")
         else:
-            log(f"--resume: {self.checkpoint} is missing; falling back to {PREVIOUS} (step {previous['step']})")
+            log(f"{self.flag}: {self.checkpoint} is missing; falling back to {PREVIOUS} ({_position(previous)})")
         return PREVIOUS, previous
 
     def load(self, name: str, sharded: bool = False) -> dict[str, Any]:
         """The checkpoint `name` (with `sharded`: a DCP folder's ``meta.pt``, named as ``FOLDER/meta.pt``)."""
-        keys = ("format", "step", "scheduler", "data", "rng") if sharded else _CHECKPOINT_KEYS
-        state, why = self._read_checkpoint(self.path / name, keys=keys)
+        keys = DCP_META_KEYS if sharded else self.keys
+        state, why = read_checkpoint(self.path / name, keys=keys)
         if state is None:
             raise UsageError(f"--resume: {self.path / name} is {why}")
         return state
