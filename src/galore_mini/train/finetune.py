@@ -31,10 +31,17 @@ warm-up over the first 6% of updates, then linear decay to 0; gradients clipped 
 no weight decay; fp32.
 
 Per run (method × seed) the folder ``DIR/runs/<method>/seed<k>/`` holds ``settings.json``,
-``checkpoint.pt`` (written atomically after every epoch) and ``result.json`` once done. A
-finished run is reused; an interrupted one resumes from its last completed epoch and ends
-exactly where an uninterrupted run ends (same data order, RNG and optimizer state — tested).
-Runs whose settings differ from the folder's are refused (use another ``--out``).
+``checkpoint.pt`` (written after every epoch by the pretraining harness's checkpointer,
+:class:`~galore_mini.train.runs.RunFolder`: atomically, with a digest, the one before kept as
+``checkpoint.prev.pt``, the folder locked while it trains) and ``result.json`` once done. A
+finished run is reused; an interrupted one resumes from its last readable epoch (a damaged newest
+checkpoint is moved aside, with one line saying so) and ends exactly where an uninterrupted run
+ends (same data order, RNG and optimizer state — tested). Runs whose settings differ from the
+folder's are refused (use another ``--out``).
+
+Non-finite gradients are pretraining's policy (:mod:`galore_mini.train.steps`): the update is
+skipped and counted (``skipped_steps``, ``skipped_updates`` in each run's result); 20 skipped steps
+in a row stop the run as diverged.
 
 Everything that can be checked — task, labels, model, tokenizer, rank, lengths — is checked
 in :func:`prepare` before ``DIR`` is created, so bad input leaves nothing behind.

@@ -1,4 +1,4 @@
-"""The pretraining loop, nanoGPT-style: one config dataclass, one explicit loop.
+"""The pretraining loop, nanoGPT-style: one config, one explicit loop.
 
     config = TrainConfig(method="galore_mini", model="tiny", steps=500, out="runs/x")
     result = train(config)          # -> dict with val_loss, val_ppl, tokens_per_s, memory …
@@ -14,6 +14,10 @@ one optimizer update, one scheduler step. The learning rate follows a linear
 warm-up over ``warmup_steps`` (default 10% of ``steps``) and a cosine down to
 ``min_lr_ratio`` (0.1) of the peak at the last step, as in the GaLore paper;
 ReLoRA multiplies it by its jagged restart factor.
+
+The config (:class:`~galore_mini.train.config.TrainConfig`) is a dataclass of components, each
+field documented where it is declared; the schedule, the parameter counts and the non-finite
+policy below are :mod:`galore_mini.train.steps`, shared with fine-tuning.
 
 Skipped updates. Our optimizers skip a parameter whose gradient is not finite and
 count it (``optimizer.nonfinite_skips``); for torch's AdamW (``full`` and the adapter
@@ -32,7 +36,8 @@ The run folder (:mod:`galore_mini.train.runs`): an ``out`` holding a run is refu
 unless ``resume`` or ``overwrite``; a lock stops a second run on it. Checkpoints
 (``checkpoint.pt``, every ``save_every`` steps and at the end; the one before kept as
 ``checkpoint.prev.pt``) hold the model, optimizer, scheduler, data position, every
-process's RNG state, the progress record and the config, and are written atomically.
+process's RNG state, the progress record and the config (by flat field names), and are written
+atomically with a SHA-256 digest that is verified before a checkpoint is used.
 ``resume=True`` continues from the newest readable checkpoint (falling back to the
 previous one, with a message) and ends bit-for-bit where the uninterrupted run would
 have (CPU; same world size), the metrics log cut back to the checkpoint's step so no

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from galore_mini.methods import label as registry_label
+
 MIB = 2 ** 20
 
 
 def label(method: str) -> str:
     """The name the paper's tables use for `method` (from :mod:`galore_mini.methods`)."""
-    from galore_mini.methods import label as registry_label
-
     return registry_label(method)
 
 
