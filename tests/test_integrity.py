@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from galore_mini.cli import main
 from galore_mini.train import finetune, runs
 from galore_mini.train.finetune import FinetuneConfig, export_pretrained, run_finetune
 from galore_mini.train.loop import train
-from pretrain_fixtures import WORDS, small_config
+from pretrain_fixtures import WORDS, small_config, write_corpus, write_model
 
 
 def _flip_middle(path: Path, count: int = 64) -> None:
@@ -177,3 +178,58 @@ def test_finetuning_skips_and_counts_updates_with_non_finite_gradients(pretraine
     else:  # ours skip only the parameter whose gradient is NaN
         assert run["skipped_steps"] == 0 and run["skipped_updates"] == 1
     assert math.isfinite(result["score"]) and all(math.isfinite(e["train_loss"]) for e in run["epochs"])
+
+
+# -- resume checks the inputs by content ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """`galore-mini pretrain` over a small corpus and JSON model; returns (run(*flags) -> exit code, tmp)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    model = write_model(tmp_path / "model.json")
+    common = ["pretrain", "--model", str(model), "--data", str(corpus), "--vocab-size", "300", "--seq-len", "32",
+              "--batch-size", "4", "--val-tokens", "512", "--val-fraction", "0.2", "--rank", "8", "--cache-dir",
+              str(tmp_path / "cache"), "--no-progress", "--method", "galore_mini", "--steps", "4",
+              "--out", str(tmp_path / "run")]
+    return (lambda *flags: main([*common, *flags])), tmp_path
+
+
+def _one_line(capsys, *needles) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("galore-mini")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_resume_after_the_model_config_content_changed_is_refused_naming_the_field(cli, capsys):
+    run, tmp = cli
+    assert run("--steps", "4") == 0
+    write_model(tmp / "model.json", intermediate=96)  # same path, other content
+    assert run("--resume") == 2
+    _one_line(capsys, "--resume: the model config", "intermediate_size: 64 then, 96 now", "--overwrite")
+    assert run("--overwrite") == 0  # the way out it names works
+
+
+def test_resume_after_a_document_was_added_to_the_data_is_refused(cli, capsys):
+    run, tmp = cli
+    assert run() == 0
+    (tmp / "corpus" / "extra.txt").write_text("Another document that was not there before.\n" * 20)
+    assert run("--resume") == 2
+    _one_line(capsys, "--resume: the data", "40 documents then, 41 now", "restore it", "--overwrite")
+    (tmp / "corpus" / "extra.txt").unlink()  # restored: the run resumes (finished: scored again)
+    assert run("--resume") == 0
+
+
+def test_a_checkpoint_without_fingerprints_of_a_changed_model_is_one_line_not_a_traceback(cli, capsys):
+    run, tmp = cli
+    assert run() == 0
+    checkpoint = tmp / "run" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["fingerprints"]  # as versions before fingerprints wrote it
+    runs.atomic_save(state, checkpoint)
+    write_model(tmp / "model.json", intermediate=96)
+    assert run("--resume") == 2
+    _one_line(capsys, "--resume: the checkpoint's weights do not fit the model", "--overwrite")

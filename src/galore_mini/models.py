@@ -152,6 +152,17 @@ def _read_json(path: str) -> dict[str, Any]:
     return fields
 
 
+def model_fields(name_or_path: str) -> dict[str, Any]:
+    """The fields a model name or JSON path stands for, as written (unchecked): what a run's model *is*,
+    whatever its path (a run records them, and a resumed run must find the same)."""
+    if name_or_path in MODEL_CONFIGS:
+        return dict(MODEL_CONFIGS[name_or_path])
+    if isinstance(name_or_path, str) and name_or_path.endswith(".json"):
+        return _read_json(name_or_path)
+    known = ", ".join(MODEL_CONFIGS)
+    raise UsageError(f"--model: unknown model {name_or_path!r}; use one of {known} or a path to a JSON config")
+
+
 def model_config(name_or_path: str | dict, vocab_size: int | None = None, **overrides):
     """A Hugging Face config (``LlamaConfig`` unless ``model_type`` says otherwise) for a named size, a
     JSON path or a dict of fields, checked strictly (see the module docstring); `vocab_size` and

@@ -41,7 +41,7 @@ import torch
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
-from galore_mini.models import default_rank
+from galore_mini.models import default_rank, model_config
 from galore_mini.optim.core import PROJECTION_DEFAULTS
 from galore_mini.optim.groups import create_optimizer
 from galore_mini.optim.projection import PROJ_TYPES
@@ -386,6 +386,7 @@ class TrainConfig(FlatSettings):
         if self.proj_type not in PROJ_TYPES:
             raise UsageError(f"--proj-type={self.proj_type!r}: use one of {', '.join(PROJ_TYPES)}")
         check_device(self.device)
+        self.check_model()
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                              "--overwrite deletes it; give one")
@@ -402,6 +403,13 @@ class TrainConfig(FlatSettings):
             raise UsageError(f"--optimizer-options apply to the optimizer methods, not to {self.method!r}")
         if options:
             check_optimizer_options(self.method, options, self.optimizer_options)
+
+    def check_model(self) -> None:
+        """The model config checked before any data is read (its vocabulary comes from the tokenizer later)."""
+        checked = model_config(self.model, vocab_size=self.vocab_size)
+        max_positions = getattr(checked, "max_position_embeddings", None)
+        if max_positions is not None and self.seq_len > max_positions:
+            raise UsageError(f"--seq-len={self.seq_len} exceeds the model's max_position_embeddings={max_positions}")
 
     def differences(self, saved: dict[str, Any], free: set[str] = frozenset()) -> list[str]:
         """The flat fields whose value in `saved` (a checkpoint's settings) differs from this config's,

@@ -368,6 +368,9 @@ class PretrainData:
     cache_dir: str | None = None
     streaming: Callable[[], Iterator[str]] | None = field(default=None, repr=False)
     skip: Callable[[int], Iterator[str]] | None = field(default=None, repr=False)
+    #: digest of what was tokenised (every document's content and the split) and how (tokenizer, vocabulary)
+    fingerprint: str = ""
+    documents: int | None = None  # how many documents (None for streamed sources)
 
     @property
     def vocab_size(self) -> int:
@@ -554,7 +557,8 @@ def prepare_data(data: str | None = None, *, seq_len: int, vocab_size: int = 819
     if len(train_ids) < seq_len:
         raise UsageError(f"the training split has {len(train_ids)} tokens, fewer than one row of --seq-len={seq_len}; "
                          "give more text")
-    return PretrainData(tok, seq_len, val, train_ids=train_ids, source=source, cache_dir=str(folder))
+    return PretrainData(tok, seq_len, val, train_ids=train_ids, source=source, cache_dir=str(folder), fingerprint=key,
+                        documents=len(docs))
 
 
 def _c4_opener(load_dataset: Callable | None, split: str):
@@ -621,4 +625,4 @@ def _prepare_c4(*, seq_len, vocab_size, tokenizer, val_tokens, cache_dir, is_mai
     if len(val) == 0:
         raise UsageError(f"C4's validation split gave fewer than --seq-len={seq_len} tokens")
     return PretrainData(tok, seq_len, val, source="c4", cache_dir=str(folder), streaming=train_open,
-                        skip=train_skip)
+                        skip=train_skip, fingerprint=key)

@@ -83,6 +83,7 @@ from torch.nn.parallel import DistributedDataParallel
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.memory import optimizer_state_bytes, weights_bytes
+from galore_mini.models import model_fields
 from galore_mini.train import sharded
 from galore_mini.train.config import (  # noqa: F401  (names re-exported for callers of loop)
     TrainConfig, check_optimizer_options, config_fields, load_config_file, make_config, optimizer_option_errors)
@@ -339,6 +340,7 @@ class Run:
     bar: Any = None
     window: _Window = dataclasses.field(default_factory=_Window)
     last_eval: EvalResult | None = None
+    fingerprints: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the run's inputs were
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -409,7 +411,38 @@ def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callabl
     stream = data.train_stream(config.batch_size * dist_info.world_size, config.seed)
     tokens_per_step = config.batch_size * config.grad_accum * dist_info.world_size * config.seq_len
     return Run(config, dist_info, folder, log, data, model, optimizer, scheduler, relora, stream,
-               count_parameters(model), tokens_per_step, [p for p in model.parameters() if p.requires_grad])
+               count_parameters(model), tokens_per_step, [p for p in model.parameters() if p.requires_grad],
+               fingerprints=input_fingerprints(config, data))
+
+
+def input_fingerprints(config: TrainConfig, data) -> dict[str, Any]:
+    """What shapes the run beyond its settings, by content rather than by name: the model config's fields,
+    the data (a digest of every document and the split), the tokenizer and its vocabulary."""
+    return {"model": model_fields(config.model), "data": data.fingerprint, "documents": data.documents,
+            "tokenizer": data.tokenizer.name, "vocab_size": data.vocab_size}
+
+
+def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume over inputs that changed since the checkpoint, naming what changed (checkpoints of
+    versions that recorded no fingerprints are let through: their weights are still checked on loading)."""
+    if not saved:
+        return
+    how = "restore it, or start again with --overwrite (or another --out)"
+    if saved.get("model") != now["model"]:
+        was, new = saved.get("model") or {}, now["model"]
+        changed = ", ".join(f"{k}: {was.get(k, '(unset)')!r} then, {new.get(k, '(unset)')!r} now"
+                            for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k))
+        raise UsageError(f"--resume: the model config --model={config.model} changed since the checkpoint "
+                         f"({changed}); {how}")
+    if saved.get("data") != now["data"]:
+        counts = (f"{saved.get('documents')} documents then, {now['documents']} now"
+                  if saved.get("documents") != now["documents"] else "the documents' content differs")
+        raise UsageError(f"--resume: the data --data={config.data or '(the default corpus)'} changed since the "
+                         f"checkpoint ({counts}), so its tokens would not be the ones trained on; {how}")
+    for key in ("tokenizer", "vocab_size"):
+        if saved.get(key) != now[key]:
+            raise UsageError(f"--resume: the {key.replace('_', ' ')} changed since the checkpoint "
+                             f"({saved.get(key)!r} then, {now[key]!r} now); {how}")
 
 
 def resume(run: Run) -> None:
@@ -432,6 +465,7 @@ def resume(run: Run) -> None:
         return
     if config.fsdp:
         state = loaded["state"] if dist_info.is_main else folder.load(f"{name}/{DCP_META}", sharded=True)
+        check_inputs(config, state.get("fingerprints"), run.fingerprints)
         if _check_resumable(config, state, dist_info):
             saved_world = len(state["rng"])
             run.log(f"resharding: the checkpoint was written by {saved_world} processes, this run has "
@@ -443,7 +477,14 @@ def resume(run: Run) -> None:
     else:
         state = loaded["state"] if dist_info.is_main else folder.load(name)
         _check_resumable(config, state, dist_info)
-        run.model.load_state_dict(state["model"])
+        check_inputs(config, state.get("fingerprints"), run.fingerprints)
+        try:
+            run.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # a checkpoint without fingerprints, of a model since changed
+            first = str(exc).strip().splitlines()[1:2] or [str(exc).strip()]
+            raise UsageError(f"--resume: the checkpoint's weights do not fit the model --model={config.model} builds "
+                             f"now ({first[0].strip()}); restore the model config, or start again with --overwrite "
+                             "(or another --out)") from None
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.stream.load_state_dict(state["data"])
@@ -560,12 +601,14 @@ def save(run: Run) -> None:
     progress = run.progress
     if run.config.fsdp:
         meta = {"format": CHECKPOINT_FORMAT, "step": progress.step, "config": run.config.flat(),
+                "fingerprints": run.fingerprints,
                 "scheduler": run.scheduler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
                 "train_time": progress.train_time, "progress": asdict(progress), "world_size": run.dist.world_size}
         sharded.save_checkpoint(run.folder, run.model, run.optimizer, meta, run.dist.is_main, run.dist.barrier)
         return
     if run.dist.is_main:
         run.folder.save({"format": CHECKPOINT_FORMAT, "step": progress.step, "config": run.config.flat(),
+                         "fingerprints": run.fingerprints,
                          "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                          "scheduler": run.scheduler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
                          "train_time": progress.train_time, "progress": asdict(progress),
