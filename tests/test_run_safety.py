@@ -209,17 +209,39 @@ def test_an_unreadable_checkpoint_with_no_fallback_is_one_line(cli, capsys, cont
 # -- stalls are not success ---------------------------------------------------------------------------------
 
 
-def test_a_run_whose_every_update_is_skipped_stops_as_diverged(cli, capsys):
+def test_a_run_whose_every_update_is_skipped_stops_as_diverged(cli, capsys, monkeypatch):
     run, out = cli
-    assert run("--lr", "1e4", "--steps", "30", "--max-skipped-steps", "5", "--log-every", "1") == 2
+    monkeypatch.setattr(loop, "build_training", _poison(set(range(1, 31))))  # every gradient NaN, every step
+    assert run("--steps", "30", "--max-skipped-steps", "5", "--log-every", "1") == 2
     line = _error_line(capsys)
     assert "diverged: every update of the last 5 steps" in line and "--lr" in line
     records = read_metrics(out / "metrics.jsonl")
-    assert records[-1]["kind"] == "diverged" and records[-1]["skipped_steps"] >= 5
+    assert records[-1]["kind"] == "diverged" and records[-1]["skipped_steps"] == 5
     train_lines = [r for r in records if r["kind"] == "train"]
     assert train_lines and all("skipped_steps" in r and "skipped_updates" in r for r in train_lines)
-    assert not (out / "final.json").exists()
+    final = json.loads((out / "final.json").read_text())
+    assert final["diverged"] is True and final["step"] == 5 and "every update" in final["reason"]
     assert not (out / runs.LOCK).exists()
+
+
+def test_divergence_that_leaves_every_number_finite_stops_the_run(cli, capsys):
+    run, out = cli
+    # a huge LR blows the small model's weights up until every activation and gradient is exactly 0: the loss
+    # jumps far above its start (then sits at ln(vocab) with zero gradients) and nothing is ever non-finite
+    assert run("--lr", "1e4", "--steps", "30", "--log-every", "1") == 2
+    line = _error_line(capsys)
+    assert "diverged: the training loss rose to" in line and "--divergence-factor=0" in line
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[-1]["kind"] == "diverged" and math.isfinite(records[-1]["loss"])
+    final = json.loads((out / "final.json").read_text())
+    assert final["diverged"] is True and final["step"] == records[-1]["step"] < 30
+    # with that check off, the model that stopped learning is caught by the zero-gradient rule
+    assert run("--lr", "1e4", "--steps", "30", "--divergence-factor", "0", "--overwrite") == 2
+    line = _error_line(capsys)
+    assert "with every gradient exactly zero" in line and "--max-dead-steps=0" in line
+    # and with both off the run goes on to the end, as before these checks existed
+    assert run("--lr", "1e4", "--steps", "12", "--divergence-factor", "0", "--max-dead-steps", "0",
+               "--max-skipped-steps", "0", "--overwrite") == 0
 
 
 def _poison(steps: set[int]):

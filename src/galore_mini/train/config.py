@@ -225,6 +225,12 @@ class TrainingConfig:
     max_skipped_steps: int = 20
     """stop as diverged after this many consecutive steps whose every update was skipped for non-finite gradients
     (0: never)"""
+    max_dead_steps: int = 5
+    """stop as diverged after this many consecutive steps whose training loss is at or above ln(vocabulary), the
+    loss of a uniform guess, with every gradient exactly zero: a model that no longer learns (0: never)"""
+    divergence_factor: float = 10.0
+    """stop as diverged when the training loss rises above ln(vocabulary) and above this multiple of its lowest
+    value so far (0: never)"""
 
 
 @dataclass
@@ -305,7 +311,7 @@ class HardwareConfig:
 
 # fields that may differ between a run and its resumption (they do not change the trajectory)
 RESUME_FREE = {"resume", "overwrite", "progress", "out", "save_every", "log_every", "cache_dir", "device",
-               "max_skipped_steps"}
+               "max_skipped_steps", "max_dead_steps", "divergence_factor"}
 
 
 @settings
@@ -364,7 +370,7 @@ class TrainConfig(FlatSettings):
         method = registry.get(self.method, "--method")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "val_tokens", "update_proj_gap"):
             check_count(name, getattr(self, name))
-        for name in ("eval_every", "log_every", "save_every", "max_skipped_steps"):
+        for name in ("eval_every", "log_every", "save_every", "max_skipped_steps", "max_dead_steps"):
             check_count(name, getattr(self, name), allow_zero=True)
         for name in ("warmup_steps", "rank", "relora_every", "relora_warmup"):
             if getattr(self, name) is not None:
@@ -379,7 +385,7 @@ class TrainConfig(FlatSettings):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise UsageError(f"--{name}={value!r} must be in [0, 1), e.g. 0.9 for beta1 and 0.999 for beta2")
-        for name in ("weight_decay", "grad_clip", "scale", "lora_alpha"):
+        for name in ("weight_decay", "grad_clip", "scale", "lora_alpha", "divergence_factor"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"{flag(name)}={value!r} must be a non-negative number")

@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def _parse_seeds(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 def demo_model(out: str, log=lambda m: None, steps: int = DEMO_PRETRAIN_STEPS) -> str:
     """`tiny` pretrained with AdamW on the default corpus into ``OUT/pretrain`` (reused when finished there)."""
     folder = Path(out) / "pretrain"
-    if (folder / "final.json").is_file() and (folder / "checkpoint.pt").is_file():
+    final = folder / "final.json"
+    if final.is_file() and (folder / "checkpoint.pt").is_file() and "diverged" not in json.loads(final.read_text()):
         log(f"reusing the pretrained demo model in {folder}")
         return str(folder)
     log(f"pretraining the demo model (tiny, AdamW, {steps} steps on the default corpus) into {folder}")

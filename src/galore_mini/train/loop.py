@@ -26,7 +26,12 @@ finite. A step in which no parameter was updated is a *skipped step*. Both count
 to every ``metrics.jsonl`` training line and to ``final.json``; ``max_skipped_steps``
 (default 20) consecutive skipped steps stop the run with :class:`TrainingDiverged`
 (exit code 2 on the command line): a run that no longer learns is not a success.
-A non-finite training loss stops it at once.
+A non-finite training loss stops it at once. Divergence can also leave every number finite (weights
+blown up until every activation and gradient is exactly 0): the run stops as diverged when the loss
+sits at or above ln(vocabulary), a uniform guess, with every gradient exactly zero for
+``max_dead_steps`` (5) steps in a row, or when it rises above ln(vocabulary) and ``divergence_factor``
+(10) times its lowest value so far; 0 turns either check off. A diverged run writes a ``diverged``
+line to ``metrics.jsonl`` and ``final.json`` with ``"diverged": true`` and the reason.
 
 Every ``eval_every`` steps (and at the end) the fixed validation rows are scored:
 val loss and ``ppl = exp(mean loss)``. Progress goes to a tqdm bar (loss, ppl,
@@ -297,6 +302,8 @@ class Progress(Skips):
 
     step: int = 0  # updates completed
     train_time: float = 0.0  # seconds spent in training steps (evaluation and saving excluded)
+    min_loss: float = math.inf  # the lowest training loss so far (the divergence guard's reference)
+    dead_steps: int = 0  # steps in a row at or above ln(vocabulary) with every gradient zero
 
 
 @dataclass
@@ -316,6 +323,7 @@ class StepOutcome:
     seconds: float
     skipped: int  # parameter updates skipped in this step
     updatable: int  # parameters that had a gradient
+    zero_gradients: bool = False  # every gradient of the step was exactly zero
 
 
 @dataclass
@@ -533,6 +541,9 @@ def train_step(run: Run, step: int) -> StepOutcome:
     norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None
     step_lr = run.optimizer.param_groups[0]["lr"]
     updatable = sum(1 for p in trainable if p.grad is not None)
+    if norm is None and config.max_dead_steps:  # the dead-model guard needs the norm also without clipping
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    zero = None if norm is None else (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) == 0
     skipped = optimizer_step(run.optimizer, trainable, norm, updatable)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -543,10 +554,21 @@ def train_step(run: Run, step: int) -> StepOutcome:
         step_loss /= dist_info.world_size
     loss_value = float(step_loss)
     if not math.isfinite(loss_value):
-        _log_metrics(run.folder.metrics, dist_info, kind="diverged", step=step + 1, loss=loss_value)
-        raise TrainingDiverged(f"the training loss became {loss_value} at step {step + 1}; lower --lr "
-                               f"(now {config.resolved_lr():g}) or raise --warmup-steps")
-    return StepOutcome(loss_value, step_lr, time.perf_counter() - started, skipped, updatable)
+        diverge(run, step + 1, f"the training loss became {loss_value} at step {step + 1}; lower --lr "
+                f"(now {config.resolved_lr():g}) or raise --warmup-steps", loss=loss_value)
+    return StepOutcome(loss_value, step_lr, time.perf_counter() - started, skipped, updatable,
+                       bool(zero) if zero is not None else False)
+
+
+def diverge(run: Run, step: int, message: str, **record: Any) -> None:
+    """Stop the run as diverged: a ``diverged`` line in ``metrics.jsonl``, ``final.json`` saying so, and
+    :class:`TrainingDiverged` (exit code 2 on the command line) with `message`."""
+    _log_metrics(run.folder.metrics, run.dist, kind="diverged", step=step, **record)
+    if run.dist.is_main:
+        run.folder.final.write_text(json.dumps({"method": run.config.method, "model": run.config.model,
+                                                "diverged": True, "step": step, "reason": message, **record},
+                                               indent=1) + "\n")
+    raise TrainingDiverged(message)
 
 
 def after_step(run: Run, outcome: StepOutcome) -> None:
@@ -570,14 +592,37 @@ def after_step(run: Run, outcome: StepOutcome) -> None:
                      skipped_steps=progress.skipped_steps, skipped_updates=progress.skipped_updates)
         run.window = _Window()
     if progress.stalled(config.max_skipped_steps):
-        _log_metrics(run.folder.metrics, run.dist, kind="diverged", step=done, skipped_steps=progress.skipped_steps,
-                     skipped_updates=progress.skipped_updates)
-        raise progress.diverged(done, f"lower --lr (now {config.resolved_lr():g}) or raise --warmup-steps ",
-                                f"(--max-skipped-steps={config.max_skipped_steps} sets how many such steps stop a run)")
+        error = progress.diverged(done, f"lower --lr (now {config.resolved_lr():g}) or raise --warmup-steps ",
+                                  f"(--max-skipped-steps={config.max_skipped_steps} sets how many such steps stop a "
+                                  "run)")
+        diverge(run, done, str(error), skipped_steps=progress.skipped_steps, skipped_updates=progress.skipped_updates)
+    check_divergence(run, outcome)
     if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
         run.last_eval = run_eval(run)
     if (config.save_every and done % config.save_every == 0) or done == config.steps:
         save(run)
+
+
+def check_divergence(run: Run, outcome: StepOutcome) -> None:
+    """Divergence that leaves every number finite (see ``--max-dead-steps`` and ``--divergence-factor``): a loss
+    at or above ln(vocabulary) with all gradients exactly zero for N steps in a row, or a loss above
+    ln(vocabulary) and `factor` times the lowest so far."""
+    config, progress, done = run.config, run.progress, run.progress.step
+    uniform = math.log(run.data.vocab_size)
+    lowest, progress.min_loss = progress.min_loss, min(progress.min_loss, outcome.loss)
+    # "at or above" to float32 round-off: a loss of exactly uniform logits is ln(vocabulary) computed in float32
+    flat = outcome.loss >= uniform * (1 - 1e-6) and outcome.zero_gradients
+    progress.dead_steps = progress.dead_steps + 1 if flat else 0
+    advice = f"lower --lr (now {config.resolved_lr():g}) or raise --warmup-steps"
+    if config.max_dead_steps and progress.dead_steps >= config.max_dead_steps:
+        diverge(run, done, f"diverged: for the last {progress.dead_steps} steps (to step {done}) the training loss "
+                f"was {outcome.loss:.4g}, at or above ln(vocabulary) = {uniform:.4g} (a uniform guess), with every "
+                f"gradient exactly zero, so the model stopped learning; {advice} (--max-dead-steps=0 turns this "
+                "check off)", loss=outcome.loss)
+    if config.divergence_factor and outcome.loss > uniform and outcome.loss > config.divergence_factor * lowest:
+        diverge(run, done, f"diverged: the training loss rose to {outcome.loss:.4g} at step {done}, above "
+                f"ln(vocabulary) = {uniform:.4g} and {config.divergence_factor:g} times its lowest so far "
+                f"({lowest:.4g}); {advice} (--divergence-factor=0 turns this check off)", loss=outcome.loss)
 
 
 def run_eval(run: Run) -> EvalResult:
