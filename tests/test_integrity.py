@@ -3,6 +3,7 @@ fine-tuning skips and counts updates with non-finite gradients as pretraining do
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -233,3 +234,28 @@ def test_a_checkpoint_without_fingerprints_of_a_changed_model_is_one_line_not_a_
     write_model(tmp / "model.json", intermediate=96)
     assert run("--resume") == 2
     _one_line(capsys, "--resume: the checkpoint's weights do not fit the model", "--overwrite")
+
+
+def test_an_out_on_a_read_only_file_system_is_one_line(cli, capsys, monkeypatch):
+    run, tmp = cli
+    (tmp / "run").mkdir()  # exists, as on a read-only mount
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runs.tempfile, "mkstemp", read_only)
+    assert run() == 2
+    _one_line(capsys, "cannot write there (Read-only file system)", "writable folder")
+
+
+def test_compare_checks_every_method_before_training_the_first(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus")
+    model = write_model(tmp_path / "model.json")  # hidden 32: rank 48 fits no matrix of it
+    code = main(["compare", "--model", str(model), "--data", str(corpus), "--methods", "full,galore_mini,lora",
+                 "--rank", "48", "--steps", "3", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
+                 "--val-tokens", "512", "--val-fraction", "0.2", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress", "--out", str(tmp_path / "cmp")])
+    assert code == 2
+    _one_line(capsys, "--rank=48 is too large")
+    assert not (tmp_path / "cmp" / "full" / "metrics.jsonl").exists()  # full never started
+    assert not (tmp_path / "cache").exists()  # nor was any data read

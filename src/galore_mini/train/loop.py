@@ -293,6 +293,15 @@ def build_training(config: TrainConfig, vocab_size: int, device: torch.device,
     return model, optimizer, relora
 
 
+def check_buildable(config: TrainConfig) -> None:
+    """Build `config`'s model and optimizer on the meta device (no memory, no data, global RNG untouched), so
+    that whatever they refuse (a rank too large for the model, an option the optimizer rejects) is refused
+    before anything trains: ``compare`` checks every method this way before training the first."""
+    unsharded = dataclasses.replace(config, fsdp=False, fsdp_mixed_precision=None)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        build_training(unsharded, config.vocab_size, torch.device("meta"))
+
+
 # -- the loop ---------------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from galore_mini.methods import DEMO_METHODS
 from galore_mini.train.config import (TrainConfig, config_fields, field_help, flag, leaves, load_config_file,
                                       make_config, value_type)
 from galore_mini.train.data import prepare_data
-from galore_mini.train.loop import TrainingDiverged, leave_distributed, read_metrics, train
+from galore_mini.train.loop import TrainingDiverged, check_buildable, leave_distributed, read_metrics, train
 from galore_mini.train.plots import label, plot_losses, plot_memory
 from galore_mini.train.runs import RunFolder
 
@@ -153,6 +153,8 @@ def run_compare(args: argparse.Namespace) -> int:
                for method in methods}
     base = configs[methods[0]]
     _check_compare_out(args.out, configs)
+    for config in configs.values():  # every method's model and optimizer, before the first one trains
+        check_buildable(config)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     data = prepare_data(base.data, seq_len=base.seq_len, vocab_size=base.vocab_size, tokenizer=base.tokenizer,

@@ -375,7 +375,12 @@ class RunFolder:
     def acquire(self, log: Callable[[str], None]) -> None:
         """Take ``OUT/.lock`` or raise a `UsageError` naming the run that holds it."""
         for _ in range(3):
-            if self._create_lock():
+            try:
+                created = self._create_lock()
+            except OSError as exc:  # a read-only file system, a folder without write permission, a full disk
+                raise UsageError(f"--out={str(self.path)!r}: cannot write there ({exc.strerror or exc}); choose a "
+                                 "writable folder for the run") from None
+            if created:
                 self.locked = True
                 return
             record = self._read_lock()
