@@ -71,7 +71,7 @@ from galore_mini.models import model_config
 from galore_mini.optim.groups import read_model
 from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig  # noqa: F401  (re-exported)
 from galore_mini.train.data import EOS_TOKEN, prepare_data
-from galore_mini.train.runs import CHECKPOINT, CHECKPOINT_FORMAT, PREVIOUS, RunFolder, atomic_save, atomic_write
+from galore_mini.train.runs import CHECKPOINT, CHECKPOINT_FORMAT, PREVIOUS, RunFolder, atomic_write
 from galore_mini.train.steps import MAX_SKIPPED_STEPS, Skips, count_parameters, linear_factor, optimizer_step
 from galore_mini.train.tasks import METRIC_NAMES, Task, compute_metrics, load_task
 
@@ -105,11 +105,6 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 def _atomic_json(path: Path, obj: Any) -> None:
     _atomic_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
-
-
-def _atomic_torch(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(obj, path)
 
 
 # -- the model: a local folder, a pretrain run, or a hub id --------------------------------------------

@@ -23,7 +23,7 @@ from galore_mini.errors import UsageError
 from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig, TrainConfig
 from galore_mini.train.finetune import WARMUP_RATIO, run_finetune
 from galore_mini.train.loop import train
-from galore_mini.train.pretrain_cli import parse_lr
+from galore_mini.train.compare import parse_lr
 from galore_mini.train.tasks import load_task
 
 DEMO_PRETRAIN_STEPS = 300
