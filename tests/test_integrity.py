@@ -6,13 +6,16 @@ from __future__ import annotations
 import errno
 import json
 import math
+import random
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from galore_mini.cli import main
-from galore_mini.train import finetune, runs
+from galore_mini.train import finetune, loop, runs
 from galore_mini.train.finetune import FinetuneConfig, export_pretrained, run_finetune
 from galore_mini.train.loop import train
 from pretrain_fixtures import WORDS, small_config, write_corpus, write_model
@@ -28,8 +31,6 @@ def _flip_middle(path: Path, count: int = 64) -> None:
 
 def _weights_record(path: Path) -> tuple[int, int]:
     """(offset, size) of the largest record of a torch zip checkpoint: the bytes of a weight tensor."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)
     with open(path, "rb") as f:  # the local header's name and extra lengths (torch pads the extra to align data)
@@ -103,8 +104,6 @@ def test_export_falls_back_from_a_truncated_newest_checkpoint_in_one_line(refere
 
 
 def _task(path: Path, n: int = 96) -> Path:
-    import random
-
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(WORDS[:10] if i % 2 else WORDS[10:]) for _ in range(6)),
              "label": ["low", "high"][i % 2]} for i in range(n)]
@@ -259,3 +258,20 @@ def test_compare_checks_every_method_before_training_the_first(tmp_path, capsys)
     _one_line(capsys, "--rank=48 is too large")
     assert not (tmp_path / "cmp" / "full" / "metrics.jsonl").exists()  # full never started
     assert not (tmp_path / "cache").exists()  # nor was any data read
+
+
+def test_a_damaged_data_file_of_a_sharded_checkpoint_is_caught_by_its_digest(tmp_path, capsys):
+    base = small_config(tmp_path, method="galore_mini", steps=2, save_every=1, eval_every=0, fsdp=True)
+    try:
+        plain = train(replace(base, out=str(tmp_path / "run")))
+        newest = tmp_path / "run" / runs.DCP_CHECKPOINT
+        data_file = max((p for p in newest.iterdir() if p.name.endswith(".distcp")), key=lambda p: p.stat().st_size)
+        _flip_middle(data_file)
+        capsys.readouterr()
+        again = train(replace(base, out=str(tmp_path / "run"), resume=True))
+        err = capsys.readouterr().err
+        assert f"{data_file.name} does not match its SHA-256 digest" in err and "(step 1)" in err, err
+        assert again["val_loss"] == plain["val_loss"]
+        assert (tmp_path / "run" / f"{runs.DCP_CHECKPOINT}.corrupt").is_dir()
+    finally:
+        loop.leave_distributed()
