@@ -44,6 +44,7 @@ from torch import nn
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
+from galore_mini.memory.measure import unique_parameters
 
 MIXED_PRECISION = ("bf16",)
 
@@ -91,13 +92,8 @@ def local_bytes(tensors) -> int:
 
 def memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """(weights, optimizer state) bytes held by this process."""
-    seen, params = set(), []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return local_bytes(params), local_bytes(state)
+    return local_bytes(unique_parameters(model)), local_bytes(state)
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
