@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import importlib
 import json
 import math
 import os
@@ -93,82 +91,13 @@ from galore_mini.train import sharded
 from galore_mini.train.config import (  # noqa: F401  (names re-exported for callers of loop)
     TrainConfig, check_optimizer_options, config_fields, load_config_file, make_config, optimizer_option_errors)
 from galore_mini.train.data import prepare_data
+from galore_mini.train.distributed import (  # noqa: F401  (names re-exported for callers of loop)
+    Dist, gather_rng, leave_distributed, on_main, set_rng_state, setup_distributed)
 from galore_mini.train.evaluate import EvalResult, evaluate, perplexity
 from galore_mini.train.runs import (  # noqa: F401  (names re-exported for callers of loop)
     CHECKPOINT, CHECKPOINT_FORMAT, DCP_META, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save)
 from galore_mini.train.steps import (  # noqa: F401  (names re-exported for callers of loop)
     Skips, TrainingDiverged, cosine_factor, count_parameters, optimizer_step)
-
-# -- distributed set-up -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place in the job (a single process when not launched by torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
-
-
-def setup_distributed(device: str, fsdp: bool = False) -> Dist:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA).
-
-    `fsdp` in a single process: a process group of one (FSDP2 needs a device mesh).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device={device}: no CUDA device is available")
-    if world <= 1:
-        single = torch.device(device if device.startswith("cuda") else ("cuda" if use_cuda else "cpu"))
-        if fsdp:
-            if single.index is not None:
-                torch.cuda.set_device(single)
-            importlib.import_module("torch.distributed.nn.functional")  # see below
-            sharded.world_of_one_group("nccl" if single.type == "cuda" else "gloo")
-        return Dist(device=single)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not tdist.is_initialized():
-        # DistributedDataParallel imports torch.distributed.nn.functional, whose functions take
-        # `group=group.WORLD` as a default argument: imported after init_process_group, those defaults
-        # hold the world process group for the life of the interpreter, so destroy_process_group cannot
-        # free it and gloo's worker and socket threads run on into interpreter shutdown (the intermittent
-        # "terminate called without an active exception" at exit). Imported first, they hold None.
-        importlib.import_module("torch.distributed.nn.functional")
-        tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
-
-
-def leave_distributed(clean: bool = True) -> None:
-    """Leave the process group, so that no communication thread outlives the interpreter.
-
-    `clean` (the run succeeded on this process): first wait at a barrier, so no process tears its
-    connections down while a peer may still send. After a failure there is no barrier (a peer may never
-    arrive); torchrun stops the other processes. A no-op outside a process group.
-    """
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return
-    if clean:
-        tdist.barrier()
-    gc.collect()  # anything in a reference cycle that still holds the group goes while Python is whole
-    tdist.destroy_process_group()
-
 
 # -- run folder and checkpoints ----------------------------------------------------------------------------
 
@@ -176,54 +105,6 @@ def leave_distributed(clean: bool = True) -> None:
 def stale_temporaries(out: Path) -> list[Path]:
     """Half-written checkpoint files a killed run left behind."""
     return RunFolder(out).temporaries()
-
-
-def on_main(dist_info: Dist, fn: Callable[[], Any]) -> Any:
-    """`fn()` on process 0, its result on every process; a `UsageError` there is raised on every process.
-
-    Decisions about the run folder are made once, so that every process acts on the same one and a
-    refusal on process 0 does not leave the others waiting in a collective.
-    """
-    if not dist_info.enabled:
-        return fn()
-    outcome: list[Any] = [None]
-    failure: BaseException | None = None
-    if dist_info.is_main:
-        try:
-            outcome = [("ok", fn())]
-        except UsageError as exc:
-            outcome = [("error", str(exc))]
-        except BaseException as exc:  # the others must not wait forever: tell them, then raise it here
-            outcome, failure = [("error", f"process 0 failed: {type(exc).__name__}: {exc}")], exc
-    tdist.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    kind, value = outcome[0]
-    if kind == "error":
-        raise UsageError(value)
-    return value
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _gather_rng(dist_info: Dist) -> list[dict[str, torch.Tensor]]:
-    mine = _rng_state(dist_info.device)
-    if not dist_info.enabled:
-        return [mine]
-    everyone: list[Any] = [None] * dist_info.world_size
-    tdist.all_gather_object(everyone, {k: v.cpu() for k, v in mine.items()})
-    return everyone
 
 
 # -- metrics log ------------------------------------------------------------------------------------------
@@ -505,7 +386,7 @@ def resume(run: Run) -> None:
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.stream.load_state_dict(state["data"])
-    _set_rng_state(state["rng"][dist_info.rank], dist_info.device)
+    set_rng_state(state["rng"][dist_info.rank], dist_info.device)
     saved = state.get("progress", {})
     run.progress = Progress(**{**saved, "step": int(state["step"]), "train_time": float(state["train_time"])})
     if dist_info.is_main:
@@ -651,7 +532,7 @@ def run_eval(run: Run) -> EvalResult:
 
 def save(run: Run) -> None:
     """A checkpoint of everything the next step depends on (process 0 writes it)."""
-    rng = _gather_rng(run.dist)
+    rng = gather_rng(run.dist)
     progress = run.progress
     if run.config.fsdp:
         meta = {"format": CHECKPOINT_FORMAT, "step": progress.step, "config": run.config.flat(),
