@@ -275,3 +275,19 @@ def test_a_damaged_data_file_of_a_sharded_checkpoint_is_caught_by_its_digest(tmp
         assert (tmp_path / "run" / f"{runs.DCP_CHECKPOINT}.corrupt").is_dir()
     finally:
         loop.leave_distributed()
+
+
+def test_resume_after_the_tokenizer_file_changed_is_refused(cli, capsys):
+    run, tmp = cli
+    assert run() == 0
+    cached = next((tmp / "cache").rglob("tokenizer.json"))
+    tokenizer = tmp / "tokenizer.json"
+    tokenizer.write_text(cached.read_text())
+    assert run("--tokenizer", str(tokenizer), "--overwrite") == 0
+    definition = json.loads(tokenizer.read_text())
+    vocab = definition["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300 - 2:300]  # swap the ids of the last two tokens
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer.write_text(json.dumps(definition))  # same path, other ids
+    assert run("--tokenizer", str(tokenizer), "--resume") == 2
+    _one_line(capsys, "--resume:", "other ids", "--overwrite")

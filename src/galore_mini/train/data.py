@@ -255,6 +255,13 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids))
 
+    def digest(self) -> str:
+        """SHA-256 of the tokenizer's full definition (vocabulary, merges, normalisation), or of its name when
+        it has no serialised form: two tokenizers that map text to ids alike have the same digest."""
+        backend = getattr(self.backend, "backend_tokenizer", self.backend)  # transformers' fast ones wrap one
+        text = backend.to_str() if hasattr(backend, "to_str") else f"name={self.name}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 def train_bpe(texts: list[str], vocab_size: int) -> "tokenizers.Tokenizer":  # noqa: F821
     """A byte-level BPE with `vocab_size` entries (fewer if the text runs out of merges) and EOS."""

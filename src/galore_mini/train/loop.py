@@ -317,7 +317,8 @@ def input_fingerprints(config: TrainConfig, data) -> dict[str, Any]:
     """What shapes the run beyond its settings, by content rather than by name: the model config's fields,
     the data (a digest of every document and the split), the tokenizer and its vocabulary."""
     return {"model": model_fields(config.model), "data": data.fingerprint, "documents": data.documents,
-            "tokenizer": data.tokenizer.name, "vocab_size": data.vocab_size}
+            "tokenizer": data.tokenizer.name, "tokenizer_digest": data.tokenizer.digest(),
+            "vocab_size": data.vocab_size}
 
 
 def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -341,6 +342,9 @@ def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[st
         if saved.get(key) != now[key]:
             raise UsageError(f"--resume: the {key.replace('_', ' ')} changed since the checkpoint "
                              f"({saved.get(key)!r} then, {now[key]!r} now); {how}")
+    if saved.get("tokenizer_digest") != now["tokenizer_digest"]:
+        raise UsageError(f"--resume: the tokenizer {now['tokenizer']} maps text to other ids than when the "
+                         f"checkpoint was written (its definition changed); {how}")
 
 
 def resume(run: Run) -> None:
