@@ -259,8 +259,12 @@ class TextTokenizer:
         """SHA-256 of the tokenizer's full definition (vocabulary, merges, normalisation), or of its name when
         it has no serialised form: two tokenizers that map text to ids alike have the same digest."""
         backend = getattr(self.backend, "backend_tokenizer", self.backend)  # transformers' fast ones wrap one
-        text = backend.to_str() if hasattr(backend, "to_str") else f"name={self.name}"
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if not hasattr(backend, "to_str"):
+            return hashlib.sha256(f"name={self.name}".encode("utf-8")).hexdigest()
+        # what maps text to ids, canonically ordered (key order in the serialised form is not guaranteed)
+        definition = json.loads(backend.to_str())
+        canonical = {key: definition.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> "tokenizers.Tokenizer":  # noqa: F821
