@@ -143,6 +143,12 @@ BATCHING_READING = (
     "iteration may (read the speed-up column; not changed on one loaded run). On a GPU one process batches "
     "same-shaped refreshes into one batched matmul.")
 
+QUALITY_READING = (
+    "One seed of a short run on a language whose entropy floor is known. The exact-SVD path keeps SVD's arbitrary "
+    "signs (as galore-torch does) while the fast paths align each new basis with the previous one, which may be why "
+    "they come out ahead. On real text, over four seeds of the pretraining demo, neither fast path is measurably "
+    "worse than the exact SVD: [RESULTS.md](RESULTS.md#projector-refresh-exact-svd-power-iteration-bf16).")
+
 GPU_NOTE = (
     "These GPU figures come from the code of commit 3083d9d, which had no multi-tensor step: GaLore-mini's step "
     "then issued 4,328 device operations at LLaMA-1B's parameter count (`bench/launches.py` on commit 6b14a61) "
@@ -164,6 +170,11 @@ def _provenance(report: dict, name: str, command: str, note: str = "") -> str:
     return "*" + "; ".join(parts) + f".* Command: `{command}`" + (f" ({note})" if note else "")
 
 
+def _section(title: str, report: dict, name: str, command: str, body: list[str], note: str = "") -> list[str]:
+    """A titled section: its provenance line, then its body (paragraphs and tables)."""
+    return [title, "", _provenance(report, name, command, note=note), ""] + [part for b in body for part in (b, "")]
+
+
 def _script(name: str, smoke: bool, threads: int | None, prefix: str = ".venv/bin/python") -> str:
     parts = [prefix, f"bench/{name}.py"] + (["--threads", str(threads)] if threads else []) + \
         (["--smoke"] if smoke else []) + ["--json", f"bench/results/{name}.json"]
@@ -171,8 +182,8 @@ def _script(name: str, smoke: bool, threads: int | None, prefix: str = ".venv/bi
 
 
 def _threads(report: dict) -> int:
-    # the CPU scripts run by run_all take --threads (default 2); older results did not record it
-    return report["config"].get("threads", 2)
+    # the CPU scripts run by run_all take --threads; where the config did not record it, the torch threads did
+    return int(report["config"].get("threads") or report["machine"].get("torch threads", 2))
 
 
 def render(results: Path, commands: list[str]) -> str:
@@ -200,54 +211,43 @@ def render(results: Path, commands: list[str]) -> str:
 
     out += ["## How fast is an optimizer step?", ""]
     if step:
-        out += ["### On the CPU, against torch's AdamW and the peers", "",
-                _provenance(step, "step_time", _script("step_time", smoke, _threads(step))), "",
-                step_time.render(step), ""]
+        out += _section("### On the CPU, against torch's AdamW and the peers", step, "step_time",
+                        _script("step_time", smoke, _threads(step)), [step_time.render(step)])
     launches = _load(results, "launches")
     if launches:
         import launches as launches_mod
 
-        out += ["### The host cost of a step at LLaMA-1B's parameter count", "",
-                _provenance(launches, "launches", _script("launches", smoke, None)), "",
-                launches_mod.__doc__.split("\n\n")[1].replace("\n", " "), "", launches_mod.render(launches), ""]
+        out += _section("### The host cost of a step at LLaMA-1B's parameter count", launches, "launches",
+                        _script("launches", smoke, None),
+                        [launches_mod.__doc__.split("\n\n")[1].replace("\n", " "), launches_mod.render(launches)])
     ops = _load(results, "train_step_ops")
     if ops:
         import train_step_ops
 
-        out += ["### A whole training step: operations and bytes (CPU)", "",
-                _provenance(ops, "train_step_ops",
-                            _script("train_step_ops", smoke, None, "PYTHONPATH=src .venv/bin/python"),
-                            note="~5 min on 2 shared cores; not run by `run_all.py`"), "",
-                train_step_ops.__doc__.split("\n\n")[1].replace("\n", " "), "", train_step_ops.render(ops),
-                train_step_ops.FINDINGS, ""]
+        out += _section("### A whole training step: operations and bytes (CPU)", ops, "train_step_ops",
+                        _script("train_step_ops", smoke, None, "PYTHONPATH=src .venv/bin/python"),
+                        [train_step_ops.__doc__.split("\n\n")[1].replace("\n", " "),
+                         train_step_ops.render(ops) + train_step_ops.FINDINGS],
+                        note="~5 min on 2 shared cores; not run by `run_all.py`")
     out += ["On a GPU: [GPU figures](#gpu-figures).", ""]
 
     out += ["## What does the subspace refresh cost?", ""]
     if refresh:
-        out += ["### One weight's refresh, by method", "",
-                _provenance(refresh, "refresh", _script("refresh", smoke, _threads(refresh))), "",
-                refresh_mod.render(refresh), ""]
+        out += _section("### One weight's refresh, by method", refresh, "refresh",
+                        _script("refresh", smoke, _threads(refresh)), [refresh_mod.render(refresh)])
     batching = _load(results, "refresh_batching")
     if batching:
         import refresh_batching
 
-        out += ["### Batched refreshes on the CPU", "",
-                _provenance(batching, "refresh_batching",
-                            _script("refresh_batching", smoke, None, "PYTHONPATH=src python3"),
-                            note="not run by `run_all.py`"), "",
-                refresh_batching.render(batching), "", BATCHING_READING, ""]
+        out += _section("### Batched refreshes on the CPU", batching, "refresh_batching",
+                        _script("refresh_batching", smoke, None, "PYTHONPATH=src python3"),
+                        [refresh_batching.render(batching), BATCHING_READING], note="not run by `run_all.py`")
     out += ["The refresh cost amortised over a whole step, per optimizer: the `amortised refresh` column of "
             "[the step-time table](#on-the-cpu-against-torchs-adamw-and-the-peers).", ""]
 
     if quality:
-        out += ["## Does the fast refresh cost quality?", "",
-                _provenance(quality, "quality", _script("quality", smoke, _threads(quality))), "",
-                quality_mod.render(quality), "",
-                "One seed of a short run on a language whose entropy floor is known. The exact-SVD path keeps SVD's "
-                "arbitrary signs (as galore-torch does) while the fast paths align each new basis with the previous "
-                "one, which may be why they come out ahead. On real text, over four seeds of the pretraining demo, "
-                "neither fast path is measurably worse than the exact SVD: [RESULTS.md]"
-                "(RESULTS.md#projector-refresh-exact-svd-power-iteration-bf16).", ""]
+        out += _section("## Does the fast refresh cost quality?", quality, "quality",
+                        _script("quality", smoke, _threads(quality)), [quality_mod.render(quality), QUALITY_READING])
 
     scaling = _load(results, "fsdp_scaling")
     world1 = {device: _load(results, f"fsdp_world1_{device}") for device in ("cuda", "cpu")}
@@ -257,33 +257,30 @@ def render(results: Path, commands: list[str]) -> str:
         if report:
             import fsdp_world1
 
-            out += [f"### At world size 1 ({device}): sharded against plain", "",
-                    _provenance(report, f"fsdp_world1_{device}",
-                                f"PYTHONPATH=src python3 bench/fsdp_world1.py --device {device} --json "
-                                f"bench/results/fsdp_world1_{device}.json",
-                                note="a process group of one; not run by `run_all.py`"), "",
-                    fsdp_world1.render(report), "", fsdp_world1.READING[device], ""]
+            out += _section(f"### At world size 1 ({device}): sharded against plain", report, f"fsdp_world1_{device}",
+                            f"PYTHONPATH=src python3 bench/fsdp_world1.py --device {device} --json "
+                            f"bench/results/fsdp_world1_{device}.json",
+                            [fsdp_world1.render(report), fsdp_world1.READING[device]],
+                            note="a process group of one; not run by `run_all.py`")
     if scaling:
         import fsdp_scaling
 
-        out += ["### At 1, 2 and 4 ranks (CPU)", "",
-                _provenance(scaling, "fsdp_scaling", "PYTHONPATH=src python3 bench/fsdp_scaling.py --json "
-                            "bench/results/fsdp_scaling.json",
-                            note="spawns one process per rank; not run by `run_all.py`"), "",
-                fsdp_scaling.render(scaling), "", FSDP_SCALING_READING, ""]
+        out += _section("### At 1, 2 and 4 ranks (CPU)", scaling, "fsdp_scaling",
+                        "PYTHONPATH=src python3 bench/fsdp_scaling.py --json bench/results/fsdp_scaling.json",
+                        [fsdp_scaling.render(scaling), FSDP_SCALING_READING],
+                        note="spawns one process per rank; not run by `run_all.py`")
 
     out += ["## Memory: the estimator against measurement", "", MEMORY, ""]
 
-    out += ["## GPU figures", ""]
     if gpu:
         import gpu as gpu_mod
 
-        out += [_provenance(gpu, "gpu_llama1b", "PYTHONPATH=src python3 bench/gpu.py --json "
-                            "bench/results/gpu_llama1b.json",
-                            note="on a CUDA machine, ~4-6 minutes on one H100"), "", gpu_mod.render(gpu), "",
-                GPU_NOTE, ""]
+        out += _section("## GPU figures", gpu, "gpu_llama1b",
+                        "PYTHONPATH=src python3 bench/gpu.py --json bench/results/gpu_llama1b.json",
+                        [gpu_mod.render(gpu), GPU_NOTE], note="on a CUDA machine, ~4-6 minutes on one H100")
     else:
-        out += ["Not measured here: run `bench/gpu.py` on a GPU, then `bench/run_all.py --render-only`.", ""]
+        out += ["## GPU figures", "",
+                "Not measured here: run `bench/gpu.py` on a GPU, then `bench/run_all.py --render-only`.", ""]
     out += ["## Notes", "", NOTES, ""]
     kernels = _load(results, "update_kernels")
     if kernels:
