@@ -110,7 +110,6 @@ from galore_mini.memory.estimate import (
     estimate,
     layerwise_held_bytes,
 )
-from galore_mini.memory.cli import register
 from galore_mini.memory.figure import plot
 from galore_mini.memory.layout import optimizer_state_layout
 from galore_mini.memory.measure import (
@@ -129,6 +128,6 @@ __all__ = [
     "ADAPTER_METHODS", "DEFAULT_RANKS", "DTYPE_BYTES", "FIGURE_METHODS", "METHODS", "OPTIMIZER_METHODS",
     "ROLE_GROUPS", "STATE_PARTS", "TORCH_DTYPES", "MemoryEstimate", "activation_bytes", "backward_order",
     "default_rank", "estimate", "gradient_bytes", "layerwise_held_bytes", "measure", "optimizer_state_breakdown",
-    "optimizer_state_bytes", "optimizer_state_layout", "optimizer_state_parts", "plot", "register", "weights_bytes",
+    "optimizer_state_bytes", "optimizer_state_layout", "optimizer_state_parts", "plot", "weights_bytes",
 ]
 
