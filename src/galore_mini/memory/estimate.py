@@ -506,8 +506,8 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
 def _check_fsdp(method: str, entry, layerwise: bool) -> None:
     """What the FSDP2 estimate cannot count: refuse it, naming the method and what to do."""
     if entry.kind == "adapter":
-        raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines (low_rank, lora, relora) are "
-                         "not run under FSDP2 here, so there is no per-rank figure to give; estimate them with "
+        raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines "
+                         f"({', '.join(methods.ADAPTER_METHODS)}) are not run under FSDP2 here, so there is no per-rank figure to give; estimate them with "
                          "world_size=1, or pick an optimizer method")
     if layerwise:
         raise UsageError("world_size > 1 with layerwise=True: under FSDP2 the gradients held at once depend on "
