@@ -195,7 +195,7 @@ def test_every_state_key_matches_the_hand_sum(method):
     assert estimate("tiny", method, rank=32, dtype="fp32").optimizer_by_key == _tiny_by_key_by_hand(method)
 
 
-# -- low_rank, lora, relora on reference layouts ---------------------------------------------------------
+# -- low_rank, lora, relora, dora on reference layouts ---------------------------------------------------------
 
 
 class _LoRALinear(nn.Module):
@@ -211,6 +211,19 @@ class _LoRALinear(nn.Module):
     def forward(self, x):
         delta = (x.float() @ self.lora_A.t()) @ self.lora_B.t()
         return self.base(x) + delta.to(x.dtype)
+
+
+class _DoRALinear(_LoRALinear):
+    """LoRA plus a trained fp32 magnitude per output row: W' = m · (W + BA) / ‖W + BA‖ (row norms)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__(base, rank)
+        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))
+
+    def forward(self, x):
+        merged = self.base.weight.float() + self.lora_B @ self.lora_A
+        weight = self.magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)
+        return (x.float() @ weight.t()).to(x.dtype)
 
 
 class _LowRankLinear(nn.Module):
@@ -232,7 +245,7 @@ _PROJECTED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def _adapted(name, dtype, method, rank):
     model = build_model(name, dtype=dtype)
-    wrapper = _LowRankLinear if method == "low_rank" else _LoRALinear
+    wrapper = {"low_rank": _LowRankLinear, "dora": _DoRALinear}.get(method, _LoRALinear)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in _PROJECTED_LINEARS and isinstance(child, nn.Linear):

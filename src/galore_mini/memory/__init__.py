@@ -64,6 +64,7 @@ low-rank shape ``L`` is r×n (left side), m×r (right) or r×r (``full``)):
                         bf16/fp16 adapters; ``adapter_dtype`` overrides); AdamW on the adapters and
                         the non-projected parameters (embeddings, norms, output layer). ReLoRA's
                         merges and restarts do not change any size.
+  ``dora``              as ``lora``, plus a trained fp32 magnitude vector of m entries per adapted W
   ====================  ==========================================================================
 
   ``adaptive_gap=True`` adds ``similarity`` (``gap_window``·4 B) per projected weight.

@@ -50,6 +50,10 @@ register(
     adapter_method("lora", "LoRA", lora(), default_lr=3e-3, finetune_lr=1e-3),
     adapter_method("relora", "ReLoRA", lora(), relora_hooks, default_lr=1e-3,
                    no_fsdp="ReLoRA's merge of the adapters into sharded frozen weights is not implemented"),
+    # DoRA (Liu et al., 2024): LoRA on the direction of W plus a trained magnitude per output row (peft's
+    # use_dora); LoRA's learning rates, not swept for DoRA
+    adapter_method("dora", "DoRA", lora(use_dora=True), default_lr=3e-3, finetune_lr=1e-3,
+                   no_fsdp="DoRA's weight norm over sharded frozen weights is not tested under FSDP2"),
 )
 
 #: what `compare` runs by default, and the paper's comparison (``--methods all`` in `memory`)
