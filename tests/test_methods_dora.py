@@ -4,6 +4,8 @@ estimator counts its state as a live optimizer allocates it (pretraining and fin
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +139,11 @@ def test_dora_fine_tunes_beside_lora_and_its_state_is_the_estimate(pretrained, t
 
 def _classifier(run):
     return AutoModelForSequenceClassification.from_pretrained(run, num_labels=2)
+
+
+def test_the_adding_a_method_page_example_runs():
+    page = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    example = re.search(r"The same calls the harness makes.*?```python\n(.*?)```", page, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(example, "adding-a-method.md", "exec"), namespace)  # its asserts check the state and magnitudes
+    assert len(namespace["magnitudes"]) == 28 and namespace["state"] > 0
