@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+from transformers import AutoModelForSequenceClassification
 
 from galore_mini import methods
 from galore_mini.memory import estimate, measure
@@ -21,6 +21,7 @@ from galore_mini.train.loop import read_metrics, train
 from conftest import tiny_llama
 from pretrain_fixtures import small_config
 from test_finetune import write_task
+from test_memory_finetune import llama, roberta  # grouped-query attention; biases and LayerNorms
 
 DORA = methods.get("dora")
 
@@ -85,17 +86,7 @@ def test_dora_is_lora_plus_a_magnitude_per_row_by_hand_at_llama_7b():
     assert dora.optimizer_bytes - lora.optimizer_bytes == 2 * 4 * rows + 4 * 7 * layers
 
 
-def _llama():
-    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-
-
-def _roberta():
-    return RobertaConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)
-
-
-@pytest.mark.parametrize("make", [_llama, _roberta])
+@pytest.mark.parametrize("make", [llama, roberta])
 @pytest.mark.parametrize("freeze", [False, True])
 def test_fine_tuning_estimate_equals_one_measured_dora_step(make, freeze):
     est = estimate_finetune(make(), "dora", rank=4, num_labels=3, freeze_embeddings=freeze)
