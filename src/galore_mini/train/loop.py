@@ -74,7 +74,8 @@ import torch
 
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
-from galore_mini.train.baselines import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE
+from galore_mini.methods import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE, Settings
+from galore_mini.models import build_model
 from galore_mini.train.evaluate import EvalResult, evaluate, perplexity
 from galore_mini.train.runs import (  # noqa: F401  (names re-exported for callers of loop)
     CHECKPOINT, CHECKPOINT_FORMAT, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save)
@@ -153,7 +154,7 @@ class TrainConfig:
     def resolved_rank(self) -> int:
         if self.rank is not None:
             return self.rank
-        from galore_mini.train.memory import default_rank
+        from galore_mini.models import default_rank
 
         return default_rank(self.model)
 
@@ -544,43 +545,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def build_training(config: TrainConfig, vocab_size: int, device: torch.device,
                    broadcast: Callable[[torch.Tensor], None] | None = None):
-    """(model, optimizer, ReLoRA or None) for `config`: the model seeded by ``config.seed``, same init for every method."""
-    import galore_mini as gm
-    from galore_mini.train import baselines
-    from galore_mini.train.model import build_model
-
+    """(model, optimizer, step hooks) for `config`: the model seeded by ``config.seed``, same init for every
+    method, then built, optimized and hooked as the method's registry entry says."""
     method = registry.get(config.method, "--method")
     model = build_model(config.model, vocab_size=vocab_size, seed=config.seed)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:
         raise UsageError(f"--seq-len={config.seq_len} exceeds the model's max_position_embeddings={max_positions}")
-    rank = config.resolved_rank()
-    if method.ranked:
-        baselines.check_rank(model, rank)
-    if method.kind == "adapter":
-        model = baselines.build_baseline(config.method, model, rank, lora_alpha=config.lora_alpha,
-                                         lora_dropout=config.lora_dropout)
+    settings = Settings(rank=config.resolved_rank(), lr=config.resolved_lr(), weight_decay=config.weight_decay,
+                        betas=(config.beta1, config.beta2), scale=config.scale, update_proj_gap=config.update_proj_gap,
+                        proj_type=config.proj_type, optimizer_options=config.parsed_optimizer_options(),
+                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                        relora_every=config.resolved_relora_every(), relora_warmup=config.resolved_relora_warmup(),
+                        relora_prune=config.relora_prune, broadcast=broadcast)
+    model = method.build_model(model, settings)
     model.to(device)
     if config.fsdp:  # before the optimizer, so that it is built over the sharded (DTensor) parameters
-        from galore_mini.train.sharded import shard_model
+        from galore_mini.train.sharded import shard_model  # torch.distributed's FSDP2, for --fsdp runs only
 
         model = shard_model(model, config.fsdp_mixed_precision)
-    betas = (config.beta1, config.beta2)
-    lr = config.resolved_lr()
-    if method.kind == "adapter":
-        optimizer = gm.create_optimizer(model, "full", lr=lr, weight_decay=config.weight_decay, betas=betas)
-    else:
-        with optimizer_option_errors(config.optimizer_options) if config.optimizer_options else \
-                contextlib.nullcontext():
-            optimizer = gm.create_optimizer(model, config.method, lr=lr, rank=rank,
-                                            update_proj_gap=config.update_proj_gap, scale=config.scale,
-                                            weight_decay=config.weight_decay, betas=betas, proj_type=config.proj_type,
-                                            **config.parsed_optimizer_options())
-    relora = None
-    if config.method == "relora":
-        relora = baselines.ReLoRA(model, optimizer, config.resolved_relora_every(), config.resolved_relora_warmup(),
-                                  config.relora_prune, broadcast=broadcast)
-    return model, optimizer, relora
+    with optimizer_option_errors(config.optimizer_options) if config.optimizer_options else contextlib.nullcontext():
+        optimizer = method.build_optimizer(model, settings)
+    return model, optimizer, method.step_hooks(model, optimizer, settings)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -596,7 +582,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    from galore_mini.train.memory import optimizer_state_bytes, weights_bytes
+    from galore_mini.memory import optimizer_state_bytes, weights_bytes
 
     return weights_bytes(model), optimizer_state_bytes(optimizer)
 
