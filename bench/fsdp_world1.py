@@ -34,7 +34,7 @@ METHODS = {
 }
 GOAL = 1.10
 READING = {
-    "cuda": "Issue #10's check for one GPU: FSDP2 at world size 1 (NCCL) should cost at most 10% over the "
+    "cuda": "The check for one GPU: FSDP2 at world size 1 (NCCL) should cost at most 10% over the "
             "unsharded training step.",
     "cpu": "On the CPU the training step of the sharded copy is within the noise of the plain one (FSDP2's "
            "collectives over a group of one are copies). The optimizer's own step() is slower on DTensor "

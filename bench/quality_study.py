@@ -94,7 +94,7 @@ def _model_tools():
     try:  # the harness is being reorganised; accept either home of the model builder
         from galore_mini.models import build_model, model_config  # type: ignore
     except ImportError:
-        from galore_mini.train.model import build_model, model_config
+        from galore_mini.models import build_model, model_config
     return build_model, model_config
 
 

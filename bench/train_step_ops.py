@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 FINDINGS = """
-What the counts say (CPU, 2026-11-29; the GPU figures of issue #11 are unmeasured here, no GPU was available):
+What the counts say (CPU, 2026-11-29; the GPU training-step targets are unmeasured here, no GPU was available):
 
 * **Forward and backward are the same** for both optimizers, operation for operation and byte for byte (987 and
   1,775 operations). Nothing the optimizer does reaches them, so the ~150 ms of the H100 training step (344 ms
   against AdamW's 137 ms) that the optimizer-step table does not explain must come from the optimizer phase
   of that step or from how it was timed, not from the model. (That table's step had fp32 weights; the
-  training step's were bf16, whose update then cost more: see "Removed".)
+  training step's were bf16, whose update then cost more: see "No fp32 copy".)
 * **The optimizer phase moves fewer bytes than AdamW's** (372.6 MiB against 559.2 MiB) but issues 1,287
   operations against foreach AdamW's 11 (each of which loops over the tensors; fused AdamW is one kernel per
   chunk of them). On a GPU that is host-bound, which the sync-free step (`capturable=True`) under
@@ -43,11 +43,11 @@ What the counts say (CPU, 2026-11-29; the GPU figures of issue #11 are unmeasure
   driver until the allocator's cache refilled: a cost a steady step does not pay, and larger for the step
   with more temporaries (how much of the ~150 ms, only a GPU can say). `bench/gpu.py` now times the median
   of the steps after that one.
-* **Removed**: a bf16/fp16 weight updated outside the low-rank GEMM (embedding, output layer, norms: at
-  LLaMA-1B 131M of its 1.34B parameters) took an fp32 copy of the weight and an fp32 copy of the scaled
-  direction; now one fp32 temporary is read from the weight and rounded once into it. The optimizer phase
-  went from 1,389 operations, 404.1 MiB, 462 conversions (81.6 MiB) and 1,729 fresh tensors (67.2 MiB) to
-  1,287, 372.6 MiB, 411 (69.8 MiB) and 1,678 (59.4 MiB) (commit 97380e5 against 6e14f1a, same command).
+* **No fp32 copy** of a bf16/fp16 weight updated outside the low-rank GEMM (embedding, output layer, norms: at
+  LLaMA-1B 131M of its 1.34B parameters): one fp32 temporary is read from the weight and rounded once into it.
+  Taking an fp32 copy of the weight and of the scaled direction instead (the code up to commit 97380e5, which the
+  H100 training step ran) costs 1,389 operations, 404.1 MiB, 462 conversions (81.6 MiB) and 1,729 fresh tensors
+  (67.2 MiB) against 1,287, 372.6 MiB, 411 (69.8 MiB) and 1,678 (59.4 MiB) (from commit 6e14f1a; same command).
 * What remains is small per tensor: the low-rank gradient made fp32 and the moment factor made bf16 for the
   bf16 GEMM, three small conversions per projected weight.
 """

@@ -9,7 +9,7 @@ import torch
 
 import galore_mini as gm
 from galore_mini.errors import UsageError
-from galore_mini.train import baselines as B
+from galore_mini.methods import adapters as B
 from conftest import tiny_llama
 
 PROJECTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -56,7 +56,7 @@ def config(pretrained, out: Path, **overrides) -> FinetuneConfig:
 def test_export_is_hf_loadable_and_equals_the_checkpoint(pretrained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from galore_mini.train.model import model_config
+    from galore_mini.models import model_config
     from transformers import LlamaForCausalLM
 
     run, _ = pretrained

@@ -195,7 +195,7 @@ def test_every_state_key_matches_the_hand_sum(method):
     assert estimate("tiny", method, rank=32, dtype="fp32").optimizer_by_key == _tiny_by_key_by_hand(method)
 
 
-# -- low_rank, lora, relora on reference layouts ---------------------------------------------------------
+# -- low_rank, lora, relora, dora on reference layouts ---------------------------------------------------------
 
 
 class _LoRALinear(nn.Module):
@@ -211,6 +211,19 @@ class _LoRALinear(nn.Module):
     def forward(self, x):
         delta = (x.float() @ self.lora_A.t()) @ self.lora_B.t()
         return self.base(x) + delta.to(x.dtype)
+
+
+class _DoRALinear(_LoRALinear):
+    """LoRA plus a trained fp32 magnitude per output row: W' = m · (W + BA) / ‖W + BA‖ (row norms)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__(base, rank)
+        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1))
+
+    def forward(self, x):
+        merged = self.base.weight.float() + self.lora_B @ self.lora_A
+        weight = self.magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)
+        return (x.float() @ weight.t()).to(x.dtype)
 
 
 class _LowRankLinear(nn.Module):
@@ -232,7 +245,7 @@ _PROJECTED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def _adapted(name, dtype, method, rank):
     model = build_model(name, dtype=dtype)
-    wrapper = _LowRankLinear if method == "low_rank" else _LoRALinear
+    wrapper = {"low_rank": _LowRankLinear, "dora": _DoRALinear}.get(method, _LoRALinear)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in _PROJECTED_LINEARS and isinstance(child, nn.Linear):
@@ -263,7 +276,7 @@ def test_adapter_methods_equal_measured(name, dtype, method):
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
 @pytest.mark.parametrize("name,dtype", [("tiny", "fp32"), ("tiny", "bf16"), ("llama_20m", "bf16")])
 def test_adapter_methods_equal_the_harness_models(name, dtype, method):
-    """The harness's own baselines (train/baselines.py: peft LoRA, factorised linears) and optimizer."""
+    """The harness's own baselines (methods/adapters.py: peft LoRA, factorised linears) and optimizer."""
     model = build_model(name, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     got = measure(model, method, rank=RANKS[name])
     est = estimate(name, method, rank=RANKS[name], dtype=dtype)
@@ -398,7 +411,7 @@ def test_layerwise_peak_held_gradients_match_the_estimate(bucket_bytes):
 
 
 def test_backward_order_is_what_autograd_does():
-    from galore_mini.train.memory import backward_order
+    from galore_mini.memory import backward_order
 
     model = build_model("tiny")
     names = {id(p): n for n, p in model.named_parameters()}
@@ -508,6 +521,19 @@ def test_cli_plot(tmp_path, capsys):
     assert cli.main(["memory", "--methods", "all", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert capsys.readouterr().out.count("llama_7b:") == len(FIGURE_METHODS)
+
+
+@pytest.mark.parametrize("finetune", [[], ["--finetune"]])
+def test_cli_plot_into_a_missing_folder_is_one_clear_line(tmp_path, capsys, finetune):
+    path = tmp_path / "nodir" / "mem.png"
+    assert cli.main(["memory", "--model", "tiny", "--plot", str(path), *finetune]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"--plot {path}: the folder {path.parent} does not exist" in err
+    assert captured.out == "" and not path.parent.exists()  # refused before anything was estimated or written
+    with pytest.raises(gm.UsageError, match="does not exist"):  # the Python API says the same
+        gm.memory.plot([estimate("tiny", "full")], str(path))
 
 
 @pytest.mark.parametrize("argv,message", [

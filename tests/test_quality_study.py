@@ -35,7 +35,7 @@ def test_ladder_steps_on_1_3_10(study):
 
 
 def test_split_adamw_gives_projected_matrices_lr_times_scale(study):
-    from galore_mini.train.model import build_model
+    from galore_mini.models import build_model
 
     model = build_model(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              vocab_size=64, max_position_embeddings=32), seed=0)

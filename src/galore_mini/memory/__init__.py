@@ -64,6 +64,7 @@ low-rank shape ``L`` is r×n (left side), m×r (right) or r×r (``full``)):
                         bf16/fp16 adapters; ``adapter_dtype`` overrides); AdamW on the adapters and
                         the non-projected parameters (embeddings, norms, output layer). ReLoRA's
                         merges and restarts do not change any size.
+  ``dora``              as ``lora``, plus a trained fp32 magnitude vector of m entries per adapted W
   ====================  ==========================================================================
 
   ``adaptive_gap=True`` adds ``similarity`` (``gap_window``·4 B) per projected weight.
@@ -110,7 +111,6 @@ from galore_mini.memory.estimate import (
     estimate,
     layerwise_held_bytes,
 )
-from galore_mini.memory.cli import register
 from galore_mini.memory.figure import plot
 from galore_mini.memory.layout import optimizer_state_layout
 from galore_mini.memory.measure import (
@@ -129,6 +129,6 @@ __all__ = [
     "ADAPTER_METHODS", "DEFAULT_RANKS", "DTYPE_BYTES", "FIGURE_METHODS", "METHODS", "OPTIMIZER_METHODS",
     "ROLE_GROUPS", "STATE_PARTS", "TORCH_DTYPES", "MemoryEstimate", "activation_bytes", "backward_order",
     "default_rank", "estimate", "gradient_bytes", "layerwise_held_bytes", "measure", "optimizer_state_breakdown",
-    "optimizer_state_bytes", "optimizer_state_layout", "optimizer_state_parts", "plot", "register", "weights_bytes",
+    "optimizer_state_bytes", "optimizer_state_layout", "optimizer_state_parts", "plot", "weights_bytes",
 ]
 

@@ -20,11 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from galore_mini import methods
+from galore_mini import methods, models
 from galore_mini.errors import UsageError
-from galore_mini.memory.layout import layout_sizes, optimizer_state_layout
+from galore_mini.memory.layout import (
+    layout_sizes, optimizer_state_layout, rank_layout, sharded_layout, sharded_state_keys)
 from galore_mini.memory.measure import STATE_PARTS, parts, unique_parameters
+from galore_mini.methods import Settings
 from galore_mini.models import default_rank
+from galore_mini.optim.distributed import shard_rows, unsupported_reason
+from galore_mini.optim.groups import param_groups, read_model
 from galore_mini.optim.layerwise import DEFAULT_BUCKET_BYTES
 from galore_mini.optim.projection import PROJ_TYPES
 
@@ -70,8 +74,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: str = "bf16")
     object is), temporaries, and kernel-specific extras (GPU flash/efficient attention pad the
     logsumexp; ``eager`` attention stores the a·S² probabilities: add 2·a·S·d per token and layer).
     """
-    b, s = _positive_int(batch_size, "batch_size"), _positive_int(seq_len, "seq_len")
-    d = DTYPE_BYTES[_dtype_name(dtype)]
+    b, s = positive_int(batch_size, "batch_size"), positive_int(seq_len, "seq_len")
+    d = DTYPE_BYTES[canonical_dtype(dtype)]
     h = int(_field(config, "hidden_size"))
     i = int(_field(config, "intermediate_size"))
     layers = int(_field(config, "num_hidden_layers"))
@@ -157,7 +161,7 @@ class MemoryEstimate:
                     f"{self.projected_params:,}" if self.projected_params else "")]
 
         def row(label: str, value: int, note: str = "") -> str:
-            return f"  {label:<17} {_gib(value):>10} GiB {value:>17,} B{note}"
+            return f"  {label:<17} {gib(value):>10} GiB {value:>17,} B{note}"
 
         lines.append(row("weights", self.weights_bytes))
         note = "  (layer-wise: the most held at once, in buckets)" if self.layerwise else ""
@@ -182,17 +186,20 @@ class MemoryEstimate:
     __str__ = format
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
+    """`n` bytes in GiB, three decimals (as reports print them)."""
     return f"{n / 2 ** 30:.3f}"
 
 
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
+    """`value` when it is a positive integer, else a `UsageError` naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UsageError(f"{name}={value!r} must be a positive integer")
     return value
 
 
-def _dtype_name(dtype) -> str:
+def canonical_dtype(dtype) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for a name or alias (``bfloat16``, ``half`` …) or a torch dtype."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
     name = _DTYPE_ALIASES.get(str(dtype).lower()) if dtype is not None else None
@@ -272,8 +279,6 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 def _resolve_model(model_or_config, vocab_size: int | None, dtype: torch.dtype | None):
     """(label, meta-device model, config or None) for a name, path, dict, config object or module."""
-    from galore_mini import models
-
     if isinstance(model_or_config, nn.Module):
         if vocab_size is not None:
             raise UsageError("vocab_size applies to a named size or config, not to a built module")
@@ -304,14 +309,13 @@ def _is_hf_config(obj) -> bool:
     return isinstance(obj, PretrainedConfig)
 
 
-def _roles(model: nn.Module) -> dict[str, str]:
+def parameter_roles(model: nn.Module) -> dict[str, str]:
     """{parameter name: role group} of every trainable parameter, as param_groups reads the model."""
-    from galore_mini.optim.groups import read_model
-
     return {info.name: _ROLE_GROUP.get(info.role, "other") for info in read_model(model)}
 
 
-def _role_of(name: str, roles: dict[str, str]) -> str:
+def role_of(name: str, roles: dict[str, str]) -> str:
+    """The role group of parameter `name` in `roles` (:func:`parameter_roles`); adapters take their weight's."""
     name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
     if name in roles:
         return roles[name]
@@ -324,19 +328,17 @@ def _role_of(name: str, roles: dict[str, str]) -> str:
     return "other"
 
 
-def _projected_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+def projected_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    """``id()`` of every parameter `optimizer` projects (its groups with a rank)."""
     return {id(p) for group in optimizer.param_groups if group.get("rank") is not None for p in group["params"]}
 
 
-def _optimizer_options(entry, rank, state_dtype, proj_dtype, proj_type, adaptive_gap, gap_window,
-                       min_8bit_size) -> dict[str, Any]:
-    """create_optimizer's keywords for `entry`: only the options this method's optimizer takes."""
+def _optimizer_options(entry, state_dtype, proj_dtype, adaptive_gap, gap_window, min_8bit_size) -> dict[str, Any]:
+    """create_optimizer's further keywords for `entry` (beyond rank and side): only those its optimizer takes."""
     options: dict[str, Any] = {}
     if state_dtype is not None and entry.state_dtype_option:
         options["state_dtype"] = state_dtype
     if entry.projected:
-        options["rank"] = rank
-        options["proj_type"] = proj_type
         if proj_dtype is not None:
             options["proj_dtype"] = proj_dtype
         if adaptive_gap:
@@ -348,9 +350,7 @@ def _optimizer_options(entry, rank, state_dtype, proj_dtype, proj_type, adaptive
 
 def _check_rank(model: nn.Module, method: str, rank: int, label: str, allow_unprojected: bool) -> None:
     """The weights `method` would project at any rank (param_groups asked at rank 1) must all take `rank`."""
-    import galore_mini as gm
-
-    groups = gm.param_groups(model, method, rank=1)
+    groups = param_groups(model, method, rank=1)
     names = {id(p): n for n, p in model.named_parameters()}
     projectable = [p for g in groups if g.get("rank") is not None for p in g["params"]]
     if not projectable:
@@ -363,7 +363,8 @@ def _check_rank(model: nn.Module, method: str, rank: int, label: str, allow_unpr
                          f"{names.get(id(first), 'a weight')} {list(first.shape)} (a rank that large saves nothing)")
 
 
-def _state_label(entry, state_name: str, optimizer, layouts) -> str:
+def state_label(entry, state_name: str, optimizer, layouts) -> str:
+    """How a report names the optimizer state's dtype: torch AdamW's, 8-bit moments, or `state_name`."""
     if entry.optimizer == "AdamW":
         return "torch AdamW, in its parameters' dtype"
     eight_bit = {key for _, layout in layouts for key, (_, dtype) in layout.items() if dtype == torch.uint8}
@@ -409,61 +410,55 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
         >>> e.reported_rank, e.optimizer_bytes
         (0, 5492121488)
     """
-    import galore_mini as gm
-
     entry = methods.get(method)
     if rank is None:
         rank = default_rank(model_or_config)
-    rank = _positive_int(rank, "rank")
+    rank = positive_int(rank, "rank")
     live = isinstance(model_or_config, nn.Module)
-    dtype_name = None if (dtype is None and live) else _dtype_name("bf16" if dtype is None else dtype)
+    dtype_name = None if (dtype is None and live) else canonical_dtype("bf16" if dtype is None else dtype)
     if proj_type not in PROJ_TYPES:
         raise UsageError(f"proj_type={proj_type!r}: use {', '.join(PROJ_TYPES[:-1])} or {PROJ_TYPES[-1]}")
     if min_8bit_size is not None:
-        _positive_int(min_8bit_size, "min_8bit_size")
-    gap_window = _positive_int(gap_window, "gap_window")
-    world_size = _positive_int(world_size, "world_size")
+        positive_int(min_8bit_size, "min_8bit_size")
+    gap_window = positive_int(gap_window, "gap_window")
+    world_size = positive_int(world_size, "world_size")
     if world_size > 1:
         _check_fsdp(method, entry, layerwise)
     if (batch_size is None) != (seq_len is None):
         raise UsageError("activations need both batch_size and seq_len (or neither)")
     if batch_size is not None:
-        _positive_int(batch_size, "batch_size")
-        _positive_int(seq_len, "seq_len")
+        positive_int(batch_size, "batch_size")
+        positive_int(seq_len, "seq_len")
     if bucket_bytes is not None and (isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int)
                                      or bucket_bytes < 0):
         raise UsageError(f"bucket_bytes={bucket_bytes!r} must be a non-negative integer")
-    state_name = _dtype_name(state_dtype) if state_dtype is not None and entry.state_dtype_option else "fp32"
-    adapter_torch_dtype = TORCH_DTYPES[_dtype_name(adapter_dtype)] if adapter_dtype is not None else None
+    state_name = canonical_dtype(state_dtype) if state_dtype is not None and entry.state_dtype_option else "fp32"
+    adapter_torch_dtype = TORCH_DTYPES[canonical_dtype(adapter_dtype)] if adapter_dtype is not None else None
 
     label, model, config = _resolve_model(model_or_config, vocab_size, TORCH_DTYPES[dtype_name] if dtype_name else None)
     if dtype_name is None:
         sizes = {p.element_size() for p in unique_parameters(model)}
         dtype_name = next((n for n, b in DTYPE_BYTES.items() if {b} == sizes), "mixed")
-    roles = _roles(model)
-    if entry.kind == "adapter":
-        from galore_mini.train.baselines import build_baseline
-
-        base_ids = {id(p) for p in model.parameters()}
-        with torch.device("meta"), warnings.catch_warnings():
-            # peft calls a transformers property that transformers 5 deprecates; not the user's concern here
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = build_baseline(method, model, rank)
-        adapters = [p for p in unique_parameters(model) if id(p) not in base_ids]
-        # adapter_dtype is about adapters beside frozen weights (LoRA); factors that replace W take its dtype
-        if adapter_torch_dtype is not None and any(not p.requires_grad for p in model.parameters()):
-            for p in adapters:
-                p.data = p.data.to(adapter_torch_dtype)
-        projected_params = sum(p.numel() for p in adapters)
-        optimizer = gm.create_optimizer(model, "full")
-    else:
-        options = _optimizer_options(entry, rank, state_dtype, proj_dtype, proj_type, adaptive_gap, gap_window,
-                                     min_8bit_size)
-        if entry.projected:
-            _check_rank(model, method, rank, label, allow_unprojected)
-        optimizer = gm.create_optimizer(model, method, **options)
-        projected = _projected_ids(optimizer)
-        projected_params = sum(p.numel() for p in unique_parameters(model) if id(p) in projected)
+    roles = parameter_roles(model)
+    if entry.projected:
+        _check_rank(model, method, rank, label, allow_unprojected)
+    settings = Settings(rank=rank, proj_type=proj_type, optimizer_options=_optimizer_options(
+        entry, state_dtype, proj_dtype, adaptive_gap, gap_window, min_8bit_size))
+    base_ids = {id(p) for p in model.parameters()}
+    with torch.device("meta"), warnings.catch_warnings():
+        # peft calls a transformers property that transformers 5 deprecates; not the user's concern here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = entry.transform(model, settings)  # what training trains: the adapters' model, or the model as it is
+    adapters = [p for p in unique_parameters(model) if id(p) not in base_ids]
+    # adapter_dtype is about adapters beside frozen weights (LoRA); factors that replace W take its dtype
+    if adapter_torch_dtype is not None and any(not p.requires_grad for p in model.parameters()):
+        for p in adapters:
+            p.data = p.data.to(adapter_torch_dtype)
+    optimizer = entry.build_optimizer(model, settings)
+    projected = projected_ids(optimizer)
+    # adapter methods: the adapters or factors; optimizer methods: the weights they project
+    projected_params = sum(p.numel() for p in adapters) + sum(
+        p.numel() for p in unique_parameters(model) if id(p) in projected)
 
     layouts = optimizer_state_layout(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -472,7 +467,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     if world_size > 1:
         _check_fsdp_optimizer(method, optimizer)
     # each rank's figures; rank 0 holds the most (⌈m/N⌉ rows of every weight), and is the one reported
-    ranks = [_rank_figures(optimizer, layouts, params, trainable, names, roles, world_size, r)
+    ranks = [rank_figures(optimizer, layouts, params, trainable, names, roles, world_size, r)
              for r in range(world_size)]
     top = max(range(world_size), key=lambda r: (ranks[r]["total"], -r))
     figures = ranks[top]
@@ -494,7 +489,7 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
     weights_total = figures["weights"]
     return MemoryEstimate(
         model=label, method=method, rank=rank if entry.ranked else None, dtype=dtype_name,
-        state_dtype=_state_label(entry, state_name, optimizer, layouts),
+        state_dtype=state_label(entry, state_name, optimizer, layouts),
         params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
         projected_params=projected_params, weights_bytes=weights_total, gradient_bytes=held,
         all_gradient_bytes=figures["all_grads"], largest_gradient_bytes=max(figures["grad_bytes"], default=0),
@@ -511,9 +506,9 @@ def estimate(model_or_config, method: str = "galore_mini", rank: int | None = No
 def _check_fsdp(method: str, entry, layerwise: bool) -> None:
     """What the FSDP2 estimate cannot count: refuse it, naming the method and what to do."""
     if entry.kind == "adapter":
-        raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines (low_rank, lora, relora) are "
-                         "not run under FSDP2 here, so there is no per-rank figure to give; estimate them with "
-                         "world_size=1, or pick an optimizer method")
+        raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines "
+                         f"({', '.join(methods.ADAPTER_METHODS)}) are not run under FSDP2 here, so there is no "
+                         "per-rank figure to give; estimate them with world_size=1, or pick an optimizer method")
     if layerwise:
         raise UsageError("world_size > 1 with layerwise=True: under FSDP2 the gradients held at once depend on "
                          "FSDP2's unsharded gradient buffers before each reduce-scatter, which the estimator does "
@@ -522,8 +517,6 @@ def _check_fsdp(method: str, entry, layerwise: bool) -> None:
 
 def _check_fsdp_optimizer(method: str, optimizer) -> None:
     """The sharded step's own refusals (read from its optimizer and groups, not from a list of methods)."""
-    from galore_mini.optim.distributed import unsupported_reason
-
     for group in optimizer.param_groups:
         why = unsupported_reason(optimizer, group)
         if why:
@@ -531,7 +524,7 @@ def _check_fsdp_optimizer(method: str, optimizer) -> None:
                              "use another method, or world_size=1")
 
 
-def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: int, rank: int) -> dict[str, Any]:
+def rank_figures(optimizer, layouts, params, trainable, names, roles, world: int, rank: int) -> dict[str, Any]:
     """Bytes rank `rank` of `world` holds under FSDP2 (``world == 1``: one process, everything whole).
 
     Weights and gradients: FSDP2 pads every rank's shard to rank 0's ⌈m/N⌉ rows (its sharded
@@ -539,8 +532,6 @@ def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: in
     rank. Optimizer state: the keys laid out like the weight's rows, cut to the rows this rank holds
     (unpadded: the state DTensors are allocated at the local shape); the others whole.
     """
-    from galore_mini.memory.layout import rank_layout, sharded_layout, sharded_state_keys
-    from galore_mini.optim.distributed import shard_rows
 
     def padded_rows(p) -> int:
         return shard_rows(p.shape[0], world, 0)[1]
@@ -564,7 +555,7 @@ def _rank_figures(optimizer, layouts, params, trainable, names, roles, world: in
         per_param.append(sizes)
         for key, (_, b) in sizes.items():
             by_key[key] = by_key.get(key, 0) + b
-        by_role[_role_of(names.get(id(p), ""), roles)] += sum(b for _, b in sizes.values())
+        by_role[role_of(names.get(id(p), ""), roles)] += sum(b for _, b in sizes.values())
     grad_bytes = [local_bytes(p) for p in trainable]
     weights = sum(local_bytes(p) for p in params)
     optimizer_bytes = sum(by_key.values())

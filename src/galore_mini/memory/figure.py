@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from galore_mini import methods
 from galore_mini.errors import UsageError
 from galore_mini.memory.estimate import DTYPE_BYTES, MemoryEstimate
+
+
+def check_path(path: str, what: str = "path") -> None:
+    """A `UsageError` naming `what` unless `path` can be written: its folder must exist."""
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():
+        raise UsageError(f"{what} {path}: the folder {folder} does not exist; create it (mkdir -p {folder}) "
+                         "or write the figure elsewhere")
 
 
 def plot(estimates: list[MemoryEstimate], path: str, title: str | None = None,
@@ -17,6 +27,7 @@ def plot(estimates: list[MemoryEstimate], path: str, title: str | None = None,
 
     if not estimates:
         raise UsageError("plot: no estimates to draw")
+    check_path(path)
     labels = [methods.get(e.method).short_label for e in estimates]
     series = [("weights", [e.weights_bytes for e in estimates], "#4C72B0"),
               ("gradients", [e.gradient_bytes for e in estimates], "#DD8452"),

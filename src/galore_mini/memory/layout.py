@@ -24,6 +24,8 @@ import math
 import torch
 
 from galore_mini.errors import UsageError
+from galore_mini.optim import distributed
+from galore_mini.optim.core import ComposedOptimizer
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -42,8 +44,6 @@ def _torch_adam_layout(p: torch.Tensor, group: dict) -> Layout:
 
 def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, Layout]]:
     """``(parameter, {state key: (shape, dtype)})`` for every parameter `optimizer` manages, in group order."""
-    from galore_mini.optim.core import ComposedOptimizer
-
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -75,9 +75,6 @@ def sharded_state_keys(optimizer: torch.optim.Optimizer, p: torch.Tensor, group:
     torch's Adam/AdamW allocate their moments with ``zeros_like(p)``, which keeps `p`'s placements;
     ``step`` is a plain scalar.
     """
-    from galore_mini.optim import distributed
-    from galore_mini.optim.core import ComposedOptimizer
-
     if isinstance(optimizer, ComposedOptimizer):
         return distributed.sharded_keys(optimizer, p, group)
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
@@ -90,9 +87,6 @@ def sharded_layout(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dic
     """`p`'s `layout` as FSDP2 allocates it (global shapes): galore-mini's 8-bit moments laid out by W's
     rows take their row form (codes m×cols, absmax m×K: :func:`galore_mini.optim.distributed.sharded_layout`);
     everything else is as in one process."""
-    from galore_mini.optim import distributed
-    from galore_mini.optim.core import ComposedOptimizer
-
     return distributed.sharded_layout(optimizer, p, group) if isinstance(optimizer, ComposedOptimizer) else layout
 
 

@@ -13,7 +13,10 @@ from torch import nn
 
 from galore_mini import methods
 from galore_mini.errors import UsageError
+from galore_mini.methods import Settings
 
+#: create_optimizer keywords that :class:`~galore_mini.methods.Settings` carries as fields of its own
+_SETTINGS_KEYWORDS = ("lr", "weight_decay", "betas", "scale", "update_proj_gap", "proj_type")
 STATE_PARTS = ("projectors", "first_moments", "second_moments", "block_scalars", "quant_scales", "bookkeeping")
 
 
@@ -100,35 +103,30 @@ def measure(model: nn.Module, method: str, rank: int = 128, *, state_dtype=None,
     measured on one backward), else one forward and backward pass of the model's own language-model
     loss (``model(input_ids=ids, labels=ids).loss``, Hugging Face style) on `input_ids` (random tokens,
     2 × 16, when None) produces them. Adapter methods (``low_rank``, ``lora``, ``relora``): `model` is
-    converted by the harness's :func:`galore_mini.train.baselines.build_baseline` (in place for
+    converted by the method's own transform (:mod:`galore_mini.methods.adapters`: in place for
     ``low_rank``; LoRA wraps it), gradients are recomputed and torch AdamW over the trainable
     parameters (``create_optimizer(model, "full")``, as the harness does) takes the step. Returns
     ``measured_optimizer_bytes``, ``measured_optimizer_parts``, ``measured_optimizer_by_key``,
     ``measured_weights_bytes``, ``measured_gradient_bytes``, ``measured_params``.
     """
-    import galore_mini as gm
-
     entry = methods.get(method)
     if input_ids is None:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
             raise UsageError("measure: pass input_ids (the model has no config.vocab_size)")
         input_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    options = dict(optimizer_options)
+    if state_dtype is not None and entry.state_dtype_option:
+        options["state_dtype"] = state_dtype
+    named = {key: options.pop(key) for key in _SETTINGS_KEYWORDS if key in options}  # Settings has fields for these
+    settings = Settings(rank=rank, optimizer_options=options, **named)
     if entry.kind == "adapter":
-        from galore_mini.train.baselines import build_baseline
-
         for p in model.parameters():
             p.grad = None  # the adapted model's gradients differ from the base model's
-        model = build_baseline(method, model, rank)
-        method, optimizer_options = "full", {}
+    model = entry.transform(model, settings)
     if all(p.grad is None for p in model.parameters() if p.requires_grad):
         model(input_ids=input_ids, labels=input_ids).loss.backward()
-    entry = methods.get(method)
-    if state_dtype is not None and entry.state_dtype_option:
-        optimizer_options["state_dtype"] = state_dtype
-    if entry.projected:
-        optimizer_options["rank"] = rank
-    optimizer = gm.create_optimizer(model, method, **optimizer_options)
+    optimizer = entry.build_optimizer(model, settings)
     optimizer.step()
     return {
         "measured_optimizer_bytes": optimizer_state_bytes(optimizer),

@@ -87,7 +87,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from galore_mini import methods as registry
+from galore_mini.methods import registry
 from galore_mini.errors import UsageError
 from galore_mini.optim.blocks import parse_block
 from galore_mini.optim.core import PROJECTION_DEFAULTS

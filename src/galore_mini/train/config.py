@@ -45,7 +45,7 @@ from galore_mini.models import default_rank, model_config
 from galore_mini.optim.core import PROJECTION_DEFAULTS
 from galore_mini.optim.groups import create_optimizer
 from galore_mini.optim.projection import PROJ_TYPES
-from galore_mini.train.baselines import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE
+from galore_mini.methods import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE
 from galore_mini.train.sharded import MIXED_PRECISION, check_method
 
 # create_optimizer keywords that have flags of their own
@@ -619,8 +619,9 @@ class FinetuneConfig(FlatSettings):
                                  f"{', '.join(FINETUNE_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise UsageError("--methods: a method is named twice")
-        if self.layerwise and "galore_mini" not in self.methods:
-            raise UsageError("--layerwise applies to galore_mini, which is not among --methods")
+        layerwise = [m for m in FINETUNE_METHODS if registry.get(m).layerwise]
+        if self.layerwise and not set(layerwise) & set(self.methods):
+            raise UsageError(f"--layerwise applies to {', '.join(layerwise)}, which is not among --methods")
         for name in ("rank", "epochs", "batch_size", "update_proj_gap"):
             check_count(name, getattr(self, name))
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):

@@ -67,8 +67,9 @@ import torch
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.memory import optimizer_state_bytes as state_bytes
+from galore_mini.methods import Settings, check_targets
 from galore_mini.models import model_config
-from galore_mini.optim.groups import read_model
+from galore_mini.optim.layerwise import layerwise
 from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig  # noqa: F401  (re-exported)
 from galore_mini.train.data import EOS_TOKEN, prepare_data
 from galore_mini.train.runs import CHECKPOINT, CHECKPOINT_FORMAT, PREVIOUS, RunFolder, atomic_write
@@ -311,29 +312,6 @@ def _load_classifier(setup_or_path, num_labels: int, pad_id: int | None, regress
     return model.float()
 
 
-def _targets(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(module name, weight shape) of the matrices GaLore projects and LoRA adapts."""
-    projectable = {id(info.param): info.shape for info in read_model(model) if info.projectable}
-    return [(name, projectable[id(module.weight)]) for name, module in model.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in projectable]
-
-
-def check_targets(model: torch.nn.Module, methods: Sequence[str], rank: int) -> list[tuple[str, tuple[int, ...]]]:
-    """:func:`_targets` of `model`, refusing a rank the ranked methods among `methods` cannot use."""
-    targets = _targets(model)
-    ranked = [m for m in methods if registry.get(m).ranked]
-    if ranked:
-        if not targets:
-            raise UsageError(f"--methods {','.join(ranked)}: the model has no attention/MLP matrices to project "
-                             "or adapt")
-        name, shape = min(targets, key=lambda t: min(t[1]))
-        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
-        if rank >= min(shape):
-            raise UsageError(f"--rank={rank} is too large for this model (hidden size {hidden}): it must be "
-                             f"below {min(shape)}, the smaller side of {name}.weight {list(shape)}")
-    return targets
-
-
 def _encode(tokenizer, examples, max_length: int) -> tuple[list[list[int]], int]:
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None
@@ -418,63 +396,33 @@ def _collate(encoded: Encoded, index: Sequence[int], pad_id: int, regression: bo
 
 def build_method(setup: Setup, method: str, seed: int):
     """(model, optimizer, layer-wise handle or None) for one run; the head drawn from `seed`."""
-    import galore_mini as gm
-
     config = setup.config
     model = _load_classifier(setup.model_path, setup.num_labels, setup.pad_id, setup.task.regression, seed)
     model = method_model(model, method, config, setup.targets)
     model.to(setup.device)
     optimizer = method_optimizer(model, method, config)
     handle = None
-    if method == "galore_mini" and config.layerwise:
-        handle = gm.layerwise(model, optimizer, max_grad_norm=config.grad_clip or None)
+    if config.layerwise and registry.get(method).layerwise:
+        handle = layerwise(model, optimizer, max_grad_norm=config.grad_clip or None)
     return model, optimizer, handle
 
 
-def method_model(model: torch.nn.Module, method: str, config: FinetuneConfig, targets: list[str]) -> torch.nn.Module:
-    """What `method` trains of a loaded classifier: embeddings frozen on request (ranked methods), LoRA
-    wrapped around `targets` for ``lora``. Shared by training and ``galore_mini.memory.finetune`` (which
-    calls it on a meta-device model), so the memory estimate follows these rules by construction."""
-    from galore_mini.optim.groups import read_model
+def _recipe(method: str, config: FinetuneConfig, targets: list[str] | None = None) -> Settings:
+    """The fine-tuning recipe's settings of `method` with this run's rank, LR, α and T."""
+    return registry.get(method).finetune_settings(
+        config.rank, lr=config.resolved_lr(method), scale=config.resolved_scale(method),
+        update_proj_gap=config.update_proj_gap, targets=targets, freeze_embeddings=config.freeze_embeddings)
 
-    entry = registry.get(method)
-    if entry.ranked and config.freeze_embeddings:
-        for info in read_model(model):
-            if info.role == "embedding":
-                info.param.requires_grad_(False)
-    if entry.kind == "adapter":
-        if method != "lora":
-            raise UsageError(f"--methods: {method!r} has no fine-tuning recipe; use lora")
-        model = _with_lora(model, targets, config.rank)
-    return model
+
+def method_model(model: torch.nn.Module, method: str, config: FinetuneConfig, targets: list[str]) -> torch.nn.Module:
+    """What `method` trains of a loaded classifier (the method's ``finetune_model``: embeddings frozen on
+    request for the ranked methods, LoRA wrapped around `targets`)."""
+    return registry.get(method).finetune_model(model, _recipe(method, config, targets))
 
 
 def method_optimizer(model: torch.nn.Module, method: str, config: FinetuneConfig) -> torch.optim.Optimizer:
     """The optimizer of one run over `model` as :func:`method_model` left it (LoRA: AdamW on what is trainable)."""
-    import galore_mini as gm
-
-    entry = registry.get(method)
-    lr = config.resolved_lr(method)
-    if entry.kind == "adapter" or method == "full":
-        return gm.create_optimizer(model, "full", lr=lr)
-    return gm.create_optimizer(model, method, lr=lr, rank=config.rank, scale=config.resolved_scale(method),
-                               update_proj_gap=config.update_proj_gap)
-
-
-def _with_lora(model: torch.nn.Module, targets: list[str], rank: int) -> torch.nn.Module:
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from peft import LoraConfig, get_peft_model
-
-    keep = [p for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[0] not in targets]
-    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
-    lora = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=targets, bias="none",
-                      fan_in_fan_out=conv1d)
-    wrapped = get_peft_model(model, lora)
-    for p in keep:  # head, norms, biases: trained as in every other method
-        p.requires_grad_(True)
-    return wrapped
+    return registry.get(method).build_optimizer(model, _recipe(method, config))
 
 
 @torch.no_grad()
@@ -496,7 +444,7 @@ def run_settings(setup: Setup, method: str, seed: int) -> dict[str, Any]:
     config = setup.config
     return {**setup.settings(), "method": method, "seed": seed, "lr": config.resolved_lr(method),
             "scale": config.resolved_scale(method) if registry.get(method).projected else None,
-            "layerwise": bool(config.layerwise and method == "galore_mini")}
+            "layerwise": bool(config.layerwise and registry.get(method).layerwise)}
 
 
 def check_run_folder(folder: Path, settings: dict[str, Any]) -> bool:

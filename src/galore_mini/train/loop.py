@@ -13,7 +13,7 @@ What a step is: ``grad_accum`` micro-batches of ``batch_size`` rows (per process
 one optimizer update, one scheduler step. The learning rate follows a linear
 warm-up over ``warmup_steps`` (default 10% of ``steps``) and a cosine down to
 ``min_lr_ratio`` (0.1) of the peak at the last step, as in the GaLore paper;
-ReLoRA multiplies it by its jagged restart factor.
+a method's step hooks may scale it (ReLoRA's jagged restarts).
 
 The config (:class:`~galore_mini.train.config.TrainConfig`) is a dataclass of components, each
 field documented where it is declared; the schedule, the parameter counts and the non-finite
@@ -86,7 +86,8 @@ from torch.nn.parallel import DistributedDataParallel
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.memory import optimizer_state_bytes, weights_bytes
-from galore_mini.models import model_fields
+from galore_mini.methods import Settings, StepHooks
+from galore_mini.models import build_model, model_fields
 from galore_mini.train import sharded
 from galore_mini.train.config import (  # noqa: F401  (names re-exported for callers of loop)
     TrainConfig, check_optimizer_options, config_fields, load_config_file, make_config, optimizer_option_errors)
@@ -135,43 +136,26 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def build_training(config: TrainConfig, vocab_size: int, device: torch.device,
                    broadcast: Callable[[torch.Tensor], None] | None = None):
-    """(model, optimizer, ReLoRA or None) for `config`: the model seeded by ``config.seed``, same init for every method."""
-    import galore_mini as gm
-    from galore_mini.train import baselines
-    from galore_mini.train.model import build_model
-
+    """(model, optimizer, step hooks) for `config`: the model seeded by ``config.seed``, same init for every
+    method, then built, optimized and hooked as the method's registry entry says."""
     method = registry.get(config.method, "--method")
     model = build_model(config.model, vocab_size=vocab_size, seed=config.seed)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:
         raise UsageError(f"--seq-len={config.seq_len} exceeds the model's max_position_embeddings={max_positions}")
-    rank = config.resolved_rank()
-    if method.ranked:
-        baselines.check_rank(model, rank)
-    if method.kind == "adapter":
-        model = baselines.build_baseline(config.method, model, rank, lora_alpha=config.lora_alpha,
-                                         lora_dropout=config.lora_dropout)
+    settings = Settings(rank=config.resolved_rank(), lr=config.resolved_lr(), weight_decay=config.weight_decay,
+                        betas=(config.beta1, config.beta2), scale=config.scale, update_proj_gap=config.update_proj_gap,
+                        proj_type=config.proj_type, optimizer_options=config.parsed_optimizer_options(),
+                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                        relora_every=config.resolved_relora_every(), relora_warmup=config.resolved_relora_warmup(),
+                        relora_prune=config.relora_prune, broadcast=broadcast)
+    model = method.build_model(model, settings)
     model.to(device)
     if config.fsdp:  # before the optimizer, so that it is built over the sharded (DTensor) parameters
-        from galore_mini.train.sharded import shard_model
-
-        model = shard_model(model, config.fsdp_mixed_precision)
-    betas = (config.beta1, config.beta2)
-    lr = config.resolved_lr()
-    if method.kind == "adapter":
-        optimizer = gm.create_optimizer(model, "full", lr=lr, weight_decay=config.weight_decay, betas=betas)
-    else:
-        with optimizer_option_errors(config.optimizer_options) if config.optimizer_options else \
-                contextlib.nullcontext():
-            optimizer = gm.create_optimizer(model, config.method, lr=lr, rank=rank,
-                                            update_proj_gap=config.update_proj_gap, scale=config.scale,
-                                            weight_decay=config.weight_decay, betas=betas, proj_type=config.proj_type,
-                                            **config.parsed_optimizer_options())
-    relora = None
-    if config.method == "relora":
-        relora = baselines.ReLoRA(model, optimizer, config.resolved_relora_every(), config.resolved_relora_warmup(),
-                                  config.relora_prune, broadcast=broadcast)
-    return model, optimizer, relora
+        model = sharded.shard_model(model, config.fsdp_mixed_precision)
+    with optimizer_option_errors(config.optimizer_options) if config.optimizer_options else contextlib.nullcontext():
+        optimizer = method.build_optimizer(model, settings)
+    return model, optimizer, method.step_hooks(model, optimizer, settings)
 
 
 def check_buildable(config: TrainConfig) -> None:
@@ -228,7 +212,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    relora: Any
+    hooks: StepHooks  # the method's per-step behaviour (ReLoRA's jagged LR and restarts; none for most)
     stream: Any
     params: tuple[int, int]
     tokens_per_step: int
@@ -295,7 +279,7 @@ def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callabl
             tdist.broadcast(t, src=0)
 
     torch.manual_seed(config.seed)
-    model, optimizer, relora = build_training(config, data.vocab_size, dist_info.device, broadcast)
+    model, optimizer, hooks = build_training(config, data.vocab_size, dist_info.device, broadcast)
     if config.fsdp:
         log(f"FSDP2: {dist_info.world_size} process(es), each decoder layer and the root sharded"
             + (f", {config.fsdp_mixed_precision} mixed precision" if config.fsdp_mixed_precision else ""))
@@ -303,12 +287,12 @@ def set_up(config: TrainConfig, dist_info: Dist, folder: RunFolder, log: Callabl
 
     def lr_factor(step: int) -> float:
         factor = cosine_factor(step, config.steps, warmup, config.min_lr_ratio)
-        return factor * relora.lr_factor(step) if relora is not None else factor
+        return factor * hooks.lr_factor(step)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     stream = data.train_stream(config.batch_size * dist_info.world_size, config.seed)
     tokens_per_step = config.batch_size * config.grad_accum * dist_info.world_size * config.seq_len
-    return Run(config, dist_info, folder, log, data, model, optimizer, scheduler, relora, stream,
+    return Run(config, dist_info, folder, log, data, model, optimizer, scheduler, hooks, stream,
                count_parameters(model), tokens_per_step, [p for p in model.parameters() if p.requires_grad],
                fingerprints=input_fingerprints(config, data))
 
@@ -441,8 +425,7 @@ def train_step(run: Run, step: int) -> StepOutcome:
     skipped = optimizer_step(run.optimizer, trainable, norm, updatable)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.relora is not None:
-        run.relora.after_step(step)
+    run.hooks.after_step(step)
     if dist_info.enabled:
         tdist.all_reduce(step_loss)
         step_loss /= dist_info.world_size

@@ -1,4 +1,7 @@
-"""The paper's low-rank baselines: Low-Rank, LoRA and ReLoRA, each trained from a random init.
+"""The one adapter builder: Low-Rank factors, LoRA (and DoRA) adapters, ReLoRA's merge-and-restart.
+
+Pretraining uses them as the paper's low-rank baselines, each trained from a random init;
+fine-tuning puts LoRA on a pretrained model's target matrices (:func:`lora_model` with `targets`).
 
 All three change the *model*, not the optimizer; they are then trained with plain
 AdamW (``gm.create_optimizer(model, "full")`` over the trainable parameters).
@@ -30,25 +33,33 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from galore_mini.errors import UsageError
-from galore_mini.methods import ADAPTER_METHODS  # noqa: F401  (re-exported for the harness)
+from galore_mini.methods import registry
+# the module, not its names: create_optimizer (in groups) looks methods up in the registry, and whichever of
+# the two packages is imported first, the other is then still loading
+from galore_mini.optim import groups
 
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.05
 RELORA_PRUNE = 0.99
 
 
+def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(module name, module)`` of every module whose weight GaLore would project (and the adapters adapt):
+    the attention and MLP matrices of the repeated blocks, as :func:`galore_mini.optim.groups.read_model` reads them."""
+    projectable = {id(info.param) for info in groups.read_model(model) if info.projectable}
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in projectable]
+
+
 def projected_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """``(module name, module)`` of every ``nn.Linear`` whose weight GaLore would project."""
-    from galore_mini.optim.groups import read_model
-
-    projectable = {id(info.param) for info in read_model(model) if info.projectable}
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and id(module.weight) in projectable]
+    return [(name, module) for name, module in adapted_modules(model) if isinstance(module, nn.Linear)]
 
 
 def check_rank(model: nn.Module, rank: int) -> None:
@@ -64,6 +75,31 @@ def check_rank(model: nn.Module, rank: int) -> None:
     if rank >= limit:
         raise UsageError(f"--rank={rank} is too large for this model: it must be below {limit}, the smaller side of "
                          f"{name}.weight {list(smallest.weight.shape)}")
+
+
+def check_targets(model: nn.Module, methods: Sequence[str], rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Fine-tuning's targets: ``(module name, weight shape)`` of :func:`adapted_modules`, refusing a `rank`
+    the ranked methods among `methods` cannot use (as ``galore-mini finetune`` does before training)."""
+    shapes = {id(info.param): info.shape for info in groups.read_model(model) if info.projectable}
+    targets = [(name, shapes[id(module.weight)]) for name, module in adapted_modules(model)]
+    ranked = [m for m in methods if registry.get(m).ranked]
+    if ranked:
+        if not targets:
+            raise UsageError(f"--methods {','.join(ranked)}: the model has no attention/MLP matrices to project "
+                             "or adapt")
+        name, shape = min(targets, key=lambda t: min(t[1]))
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+        if rank >= min(shape):
+            raise UsageError(f"--rank={rank} is too large for this model (hidden size {hidden}): it must be "
+                             f"below {min(shape)}, the smaller side of {name}.weight {list(shape)}")
+    return targets
+
+
+def freeze_embeddings(model: nn.Module) -> None:
+    """Stop training the token embeddings (fine-tuning's ``--freeze-embeddings``)."""
+    for info in groups.read_model(model):
+        if info.role == "embedding":
+            info.param.requires_grad_(False)
 
 
 class LowRankLinear(nn.Module):
@@ -99,43 +135,38 @@ def low_rank_model(model: nn.Module, rank: int) -> nn.Module:
     return model
 
 
-def lora_model(model: nn.Module, rank: int, alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT) -> nn.Module:
-    """`model` wrapped by ``peft`` LoRA on every projected linear; the random base weights frozen.
+def lora_model(model: nn.Module, rank: int, alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT,
+               targets: Sequence[str] | None = None, **peft_options) -> nn.Module:
+    """`model` wrapped by ``peft`` LoRA on `targets`, their weights frozen; the rest as trainable as it was.
 
-    Embeddings, norms and the output layer stay trainable (they are not low-rank in any baseline).
+    `targets` None: every projected linear, with `rank` checked against them (pretraining); given
+    (fine-tuning), the caller has checked the rank (:func:`check_targets`), and GPT-2's ``Conv1D``
+    targets are handled. `peft_options` go to ``LoraConfig`` (``use_dora=True`` makes it DoRA).
+    Embeddings, norms, biases and the output layer or head keep training (no baseline makes them low-rank).
     """
     # peft imports bitsandbytes, whose CPU backend warns about an optional kernel package we never use
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # an optional dependency, needed by the adapter methods only
 
-    check_rank(model, rank)
-    targets = [name for name, _ in projected_linears(model)]
-    trainable_names = {name for name, p in model.named_parameters()
-                       if p.requires_grad and name.rpartition(".")[0] not in targets}
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    if targets is None:
+        check_rank(model, rank)
+        targets = [name for name, _ in projected_linears(model)]
+    targets = list(targets)
+    keep = [p for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[0] not in targets]
+    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        fan_in_fan_out=conv1d, **peft_options)
     wrapped = get_peft_model(model, config)
-    base = wrapped.get_base_model()
-    for name, param in base.named_parameters():
-        if name in trainable_names:
-            param.requires_grad_(True)
+    for p in keep:  # peft freezes everything but the adapters; the rest trains as in every other method
+        p.requires_grad_(True)
     return wrapped
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """The ``peft`` LoRA layers of `model`."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # an optional dependency, needed by the adapter methods only
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
-
-
-def build_baseline(method: str, model: nn.Module, rank: int, *, lora_alpha: float = LORA_ALPHA,
-                   lora_dropout: float = LORA_DROPOUT) -> nn.Module:
-    """The model `method` trains: factorised (``low_rank``) or with LoRA adapters (``lora``, ``relora``)."""
-    if method == "low_rank":
-        return low_rank_model(model, rank)
-    if method in ("lora", "relora"):
-        return lora_model(model, rank, lora_alpha, lora_dropout)
-    raise UsageError(f"method={method!r} is not an adapter baseline; those are {', '.join(ADAPTER_METHODS)}")
 
 
 def prune_by_magnitude(tensor: torch.Tensor, fraction: float) -> None:

@@ -1,4 +1,4 @@
-"""``galore-mini memory``: the estimate from the command line, optionally measured and plotted."""
+"""``galore-mini memory``: the estimate (pretraining or ``--finetune``), optionally measured and plotted."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Any
 
 from galore_mini import methods
 from galore_mini.errors import UsageError
-from galore_mini.memory.estimate import MemoryEstimate, TORCH_DTYPES, _dtype_name, _gib, _positive_int, estimate
+from galore_mini.memory.estimate import MemoryEstimate, TORCH_DTYPES, canonical_dtype, estimate, gib, positive_int
+from galore_mini.memory.figure import check_path, plot
+from galore_mini.memory.finetune import estimate_finetune, measure_finetune
 from galore_mini.memory.measure import measure
-from galore_mini.memory.figure import plot
+from galore_mini.models import build_model, model_config
 
 MEASURE_LIMIT_BYTES = 4 * 2 ** 30
 
@@ -69,10 +71,8 @@ def _parse_methods(args) -> list[str]:
 
 def _measure_cli(args, est: MemoryEstimate, dtype: str, models: dict) -> None:
     """Attach one real step's measurements to `est` (the model is built once and shared by the methods)."""
-    from galore_mini.models import build_model, model_config
-
     if est.weights_bytes + est.all_gradient_bytes + est.optimizer_bytes > MEASURE_LIMIT_BYTES:
-        raise UsageError(f"--measure: {args.model} needs about {_gib(est.total_bytes)} GiB; measurement is for "
+        raise UsageError(f"--measure: {args.model} needs about {gib(est.total_bytes)} GiB; measurement is for "
                          f"models that fit in {MEASURE_LIMIT_BYTES / 2 ** 30:g} GiB (tiny, llama_20m, llama_60m)")
     entry = methods.get(est.method)
     adapter = entry.kind == "adapter"
@@ -93,12 +93,12 @@ def _measure_cli(args, est: MemoryEstimate, dtype: str, models: dict) -> None:
 
 def run(args) -> int:
     names = _parse_methods(args)
+    if args.plot:  # before anything is computed or measured
+        check_path(args.plot, "--plot")
     if getattr(args, "finetune", False):
-        from galore_mini.memory.finetune import run_cli
-
-        return run_cli(args, names)
+        return run_finetune(args, names)
     if args.vocab_size is not None:
-        _positive_int(args.vocab_size, "--vocab-size")
+        positive_int(args.vocab_size, "--vocab-size")
     for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--rank", args.rank)):
         if value is not None and value <= 0:
             raise UsageError(f"{flag}={value} must be a positive integer")
@@ -107,7 +107,7 @@ def run(args) -> int:
     if args.measure and args.world_size > 1:
         raise UsageError("--measure takes one step in one process; the per-rank FSDP2 figures (--world-size) are "
                          "checked against a real FSDP2 run in tests/test_memory.py: drop one of the two")
-    dtype = _dtype_name(args.dtype or "bf16")
+    dtype = canonical_dtype(args.dtype or "bf16")
     estimates = []
     for method in names:
         est = estimate(args.model, method, rank=args.rank, dtype=dtype, state_dtype=args.state_dtype,
@@ -135,3 +135,28 @@ def report(estimates: list[MemoryEstimate], args) -> int:
         if args.plot:
             print(f"\nfigure written to {args.plot}")
     return 1 if any(e.measured and not e.matches_measurement() for e in estimates) else 0
+
+
+def run_finetune(args, names: list[str]) -> int:
+    """``galore-mini memory --finetune``: one estimate per method (``--measure``: checked by one real step)."""
+    unused = [flag for flag, value in (("--layerwise", args.layerwise), ("--batch-size", args.batch_size),
+                                       ("--seq-len", args.seq_len), ("--state-dtype", args.state_dtype),
+                                       ("--proj-dtype", args.proj_dtype), ("--adapter-dtype", args.adapter_dtype),
+                                       ("--vocab-size", args.vocab_size), ("--proj-type", args.proj_type != "std"),
+                                       ("--world-size", getattr(args, "world_size", 1) != 1),
+                                       ("--dtype", args.dtype not in (None, "fp32", "float32")))
+              if value not in (None, False)]
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: not part of the fine-tuning view (fp32 weights and state, every "
+                         "gradient held, one process, no activations); drop them or drop --finetune")
+    rank = 8 if args.rank is None else args.rank
+    estimates = [estimate_finetune(args.model, m, rank, num_labels=args.num_labels, regression=args.num_labels == 1,
+                                   freeze_embeddings=args.freeze_embeddings) for m in names]
+    if args.measure:
+        for est in estimates:
+            if est.weights_bytes + est.all_gradient_bytes + est.optimizer_bytes > MEASURE_LIMIT_BYTES:
+                raise UsageError(f"--measure: {args.model} needs about {gib(est.total_bytes)} GiB; measurement is "
+                                 f"for models that fit in {MEASURE_LIMIT_BYTES / 2 ** 30:g} GiB")
+            est.measured = measure_finetune(args.model, est.method, rank, num_labels=args.num_labels,
+                                            regression=args.num_labels == 1, freeze_embeddings=args.freeze_embeddings)
+    return report(estimates, args)

@@ -1,7 +1,8 @@
-"""`galore-mini` command line: pretrain, compare, memory.
+"""`galore-mini` command line: pretrain, compare, memory, finetune.
 
-Each subcommand lives beside the code it drives and registers itself with
-`register(subparsers)`; bad input surfaces as one line on stderr, exit code 2.
+Each subcommand's module registers itself with `register(subparsers)` (``galore_mini.cli.memory``,
+``galore_mini.train.pretrain_cli``, ``galore_mini.train.finetune_cli``); bad input surfaces as one
+line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from galore_mini.cli import memory
 from galore_mini.errors import UsageError
+from galore_mini.train import finetune_cli, pretrain_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,12 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory-efficient LLM training with GaLore, Adam-mini and GaLore-mini.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from galore_mini import memory
-    from galore_mini.train import pretrain_cli
-
     pretrain_cli.register(sub)
     memory.register(sub)
-    from galore_mini.train import finetune_cli
     finetune_cli.register(sub)
     return parser
 
