@@ -10,7 +10,7 @@ import pytest
 
 from galore_mini.cli import main
 from galore_mini.train import data as D
-from galore_mini.train import pretrain_cli
+from galore_mini.cli import pretrain as pretrain_cli
 from pretrain_fixtures import write_corpus, write_model
 
 

@@ -12,7 +12,7 @@ import sys
 
 from galore_mini.cli import memory
 from galore_mini.errors import UsageError
-from galore_mini.train import finetune_cli, pretrain_cli
+from galore_mini.cli import finetune as finetune_cli, pretrain as pretrain_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
