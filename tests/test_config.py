@@ -18,7 +18,7 @@ def test_flat_names_reach_the_components_both_ways():
     config.rank = 16
     assert config.projection.rank == 16
     flat = config.flat()
-    assert list(flat) == list(C.config_fields()) and len(flat) == 44
+    assert list(flat) == list(C.config_fields()) and len(flat) == 45
     assert C.TrainConfig(**flat) == config  # the checkpoint's flat settings rebuild the same config
     with pytest.raises(TypeError, match="unknown settings: stpes"):
         C.TrainConfig(stpes=3)

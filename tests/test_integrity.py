@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from galore_mini.cli import main
+from galore_mini.errors import UsageError
 from galore_mini.train import finetune, loop, runs
+from galore_mini.train.data import read_documents, train_bpe
 from galore_mini.train.finetune import FinetuneConfig, export_pretrained, run_finetune
 from galore_mini.train.loop import train
-from pretrain_fixtures import WORDS, small_config, write_corpus, write_model
+from pretrain_fixtures import WORDS, Killed, kill_at, small_config, write_corpus, write_model
 
 
 def _flip_middle(path: Path, count: int = 64) -> None:
@@ -291,3 +293,20 @@ def test_resume_after_the_tokenizer_file_changed_is_refused(cli, capsys):
     tokenizer.write_text(json.dumps(definition))  # same path, other ids
     assert run("--tokenizer", str(tokenizer), "--resume") == 2
     _one_line(capsys, "--resume:", "other ids", "--overwrite")
+
+
+def test_allow_new_data_goes_on_over_added_documents_with_a_fixed_tokenizer(tmp_path, capsys):
+    first = small_config(tmp_path)  # writes the corpus and the model
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(train_bpe([d.text for d in read_documents(first.data)], 300).to_str())
+    config = small_config(tmp_path, tokenizer=str(tokenizer))
+    with pytest.raises(Killed):
+        train(config, on_step=kill_at(4))
+    (Path(config.data) / "added.txt").write_text("More text about the optimizer and its moments.\n" * 30)
+    with pytest.raises(UsageError, match="40 documents then, 41 now.*--allow-new-data"):
+        train(replace(config, resume=True))
+    capsys.readouterr()
+    result = train(replace(config, resume=True, allow_new_data=True))
+    err = capsys.readouterr().err
+    assert "--allow-new-data: the data" in err and "resumed from" in err and "at step 4" in err
+    assert result["steps"] == 12 and math.isfinite(result["val_loss"])

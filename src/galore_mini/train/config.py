@@ -292,6 +292,9 @@ class CheckpointConfig:
     """continue from OUT/checkpoint.pt (or checkpoint.prev.pt when the newest is unreadable)"""
     overwrite: bool = False
     """delete the run already in OUT and start again (without it, an OUT holding a run is refused)"""
+    allow_new_data: bool = False
+    """with --resume: go on over data that changed since the checkpoint (documents added on purpose); the rows
+    already trained on count as done; the tokenizer must stay the same (runs started with --tokenizer)"""
 
 
 @dataclass
@@ -311,7 +314,7 @@ class HardwareConfig:
 
 # fields that may differ between a run and its resumption (they do not change the trajectory)
 RESUME_FREE = {"resume", "overwrite", "progress", "out", "save_every", "log_every", "cache_dir", "device",
-               "max_skipped_steps", "max_dead_steps", "divergence_factor"}
+               "max_skipped_steps", "max_dead_steps", "divergence_factor", "allow_new_data"}
 
 
 @settings

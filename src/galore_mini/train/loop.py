@@ -305,9 +305,11 @@ def input_fingerprints(config: TrainConfig, data) -> dict[str, Any]:
             "vocab_size": data.vocab_size}
 
 
-def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[str, Any],
+                 log: Callable[[str], None]) -> None:
     """Refuse to resume over inputs that changed since the checkpoint, naming what changed (checkpoints of
-    versions that recorded no fingerprints are let through: their weights are still checked on loading)."""
+    versions that recorded no fingerprints are let through: their weights are still checked on loading).
+    ``--allow-new-data`` lets changed data through, with a message; the tokenizer must still be the same."""
     if not saved:
         return
     how = "restore it, or start again with --overwrite (or another --out)"
@@ -320,8 +322,13 @@ def check_inputs(config: TrainConfig, saved: dict[str, Any] | None, now: dict[st
     if saved.get("data") != now["data"]:
         counts = (f"{saved.get('documents')} documents then, {now['documents']} now"
                   if saved.get("documents") != now["documents"] else "the documents' content differs")
-        raise UsageError(f"--resume: the data --data={config.data or '(the default corpus)'} changed since the "
-                         f"checkpoint ({counts}), so its tokens would not be the ones trained on; {how}")
+        data = f"--data={config.data or '(the default corpus)'}"
+        if not config.allow_new_data:
+            raise UsageError(f"--resume: the data {data} changed since the checkpoint ({counts}), so its tokens "
+                             f"would not be the ones trained on; {how}, or add --allow-new-data to go on over the "
+                             "new data on purpose")
+        log(f"--allow-new-data: the data {data} changed since the checkpoint ({counts}); the rows trained so far "
+            "count as done and the run goes on over the new data")
     for key in ("tokenizer", "vocab_size"):
         if saved.get(key) != now[key]:
             raise UsageError(f"--resume: the {key.replace('_', ' ')} changed since the checkpoint "
@@ -351,7 +358,7 @@ def resume(run: Run) -> None:
         return
     if config.fsdp:
         state = loaded["state"] if dist_info.is_main else folder.load(f"{name}/{DCP_META}", sharded=True)
-        check_inputs(config, state.get("fingerprints"), run.fingerprints)
+        check_inputs(config, state.get("fingerprints"), run.fingerprints, run.log)
         if _check_resumable(config, state, dist_info):
             saved_world = len(state["rng"])
             run.log(f"resharding: the checkpoint was written by {saved_world} processes, this run has "
@@ -363,7 +370,7 @@ def resume(run: Run) -> None:
     else:
         state = loaded["state"] if dist_info.is_main else folder.load(name)
         _check_resumable(config, state, dist_info)
-        check_inputs(config, state.get("fingerprints"), run.fingerprints)
+        check_inputs(config, state.get("fingerprints"), run.fingerprints, run.log)
         try:
             run.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # a checkpoint without fingerprints, of a model since changed
