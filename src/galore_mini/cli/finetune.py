@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from galore_mini.errors import UsageError
-from galore_mini.train.config import DEFAULT_GAP, FINETUNE_METHODS, FinetuneConfig, TrainConfig
+from galore_mini.train.config import DEFAULT_GAP, FINETUNE_DEFAULT_METHODS, FINETUNE_METHODS, FinetuneConfig, TrainConfig
 from galore_mini.train.finetune import WARMUP_RATIO, run_finetune
 from galore_mini.train.loop import train
 from galore_mini.train.compare import parse_lr
@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--task", help="CSV/TSV/JSONL file (text[, text_pair], label), a folder with train.* and "
                                   "validation.*, glue/<name>, or debian-sections (the default)")
     p.add_argument("--val", metavar="FILE", help="validation file for --task FILE (default: a deterministic 10%%)")
-    p.add_argument("--methods", default=",".join(FINETUNE_METHODS),
-                   help=f"comma-separated subset of {','.join(FINETUNE_METHODS)} (default: all)")
+    p.add_argument("--methods", default=",".join(FINETUNE_DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(FINETUNE_METHODS)} "
+                        f"(default: {','.join(FINETUNE_DEFAULT_METHODS)})")
     p.add_argument("--layerwise", action="store_true", help="galore_mini updates each weight inside backward()")
     p.add_argument("--rank", type=int, default=8, help="GaLore's and LoRA's rank (default: 8)")
     p.add_argument("--scale", type=float, default=None,

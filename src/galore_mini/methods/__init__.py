@@ -34,7 +34,7 @@ Example::
 """
 
 from galore_mini.methods.registry import REGISTRY, get, label, names, register
-from galore_mini.methods.catalog import DEMO_METHODS, FIGURE_METHODS
+from galore_mini.methods.catalog import DEMO_METHODS, FIGURE_METHODS, FINETUNE_DEFAULT_METHODS
 from galore_mini.methods.adapters import LORA_ALPHA, LORA_DROPOUT, RELORA_PRUNE, check_targets
 from galore_mini.methods.method import FINETUNE_GAP, Method, Settings, StepHooks
 
@@ -45,7 +45,7 @@ ADAPTER_METHODS = names("adapter")
 FINETUNE_METHODS = tuple(m.name for m in REGISTRY.values() if m.finetune_lr is not None)
 
 __all__ = [
-    "ADAPTER_METHODS", "DEMO_METHODS", "FIGURE_METHODS", "FINETUNE_GAP", "FINETUNE_METHODS", "LORA_ALPHA",
+    "ADAPTER_METHODS", "DEMO_METHODS", "FIGURE_METHODS", "FINETUNE_DEFAULT_METHODS", "FINETUNE_GAP", "FINETUNE_METHODS", "LORA_ALPHA",
     "LORA_DROPOUT", "METHODS", "Method", "OPTIMIZER_METHODS", "REGISTRY", "RELORA_PRUNE", "Settings", "StepHooks",
     "check_targets", "get", "label", "names", "register",
 ]

@@ -58,5 +58,7 @@ register(
 
 #: what `compare` runs by default, and the paper's comparison (``--methods all`` in `memory`)
 DEMO_METHODS = ("full", "adam_mini", "galore", "galore_mini", "low_rank", "lora", "relora")
+#: what `finetune` compares by default (the GLUE table's methods); DoRA and others on request
+FINETUNE_DEFAULT_METHODS = ("full", "adam_mini", "galore", "galore_mini", "lora")
 FIGURE_METHODS = ("full", "adam_mini", "galore", "galore_mini", "galore_8bit", "galore_mini_8bit",
                   "low_rank", "lora", "relora")

@@ -566,8 +566,9 @@ def make_config(file_values: dict[str, Any] | None = None, **flags: Any) -> Trai
 
 # -- fine-tuning --------------------------------------------------------------------------------------------
 
-#: the methods with a fine-tuning recipe: those the registry gives a `finetune_lr`
-FINETUNE_METHODS = tuple(m for m in registry.names() if registry.get(m).finetune_lr is not None)
+#: the methods with a fine-tuning recipe (those the registry gives a `finetune_lr`) and the default subset
+FINETUNE_METHODS = registry.FINETUNE_METHODS
+FINETUNE_DEFAULT_METHODS = registry.FINETUNE_DEFAULT_METHODS
 DEFAULT_GAP = 500
 
 
@@ -581,7 +582,7 @@ class FinetuneConfig(FlatSettings):
     """CSV/TSV/JSONL file, a folder with train.* and validation.*, glue/<name>; None: the offline Debian task"""
     val: str | None = None
     """validation file for a task file (default: a deterministic 10%)"""
-    methods: tuple[str, ...] = FINETUNE_METHODS
+    methods: tuple[str, ...] = FINETUNE_DEFAULT_METHODS
     """the methods compared, in this order"""
     layerwise: bool = False
     """galore_mini updates each weight inside backward()"""
