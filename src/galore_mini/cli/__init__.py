@@ -1,7 +1,7 @@
 """`galore-mini` command line: pretrain, compare, memory, finetune.
 
 Each subcommand's module registers itself with `register(subparsers)` (``galore_mini.cli.memory``,
-``galore_mini.train.pretrain_cli``, ``galore_mini.train.finetune_cli``); bad input surfaces as one
+``galore_mini.cli.pretrain``, ``galore_mini.cli.finetune``); bad input surfaces as one
 line on stderr, exit code 2.
 """
 

@@ -7,7 +7,7 @@ hardware. The two loops share the components they have in common (:class:`Projec
 :class:`BatchConfig`, :class:`OutputConfig`), each with its own defaults.
 
 The docstring under a field is its help text: :func:`field_help` reads it from the source, and
-the command line (:mod:`galore_mini.train.pretrain_cli`) makes one flag per field from it, with the
+the command line (:mod:`galore_mini.cli.pretrain`) makes one flag per field from it, with the
 field's type and default. Every field is also reachable by its flat name, as flags, config files
 and checkpoints spell it (``config.lr`` is ``config.optimizer.lr``), and a config is built from flat
 names too::
