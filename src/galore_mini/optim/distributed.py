@@ -39,7 +39,7 @@ the gradient rows FSDP2's reduce-scatter handed it, and the arithmetic is the on
   ``moment_policy="project"``). Replicated 8-bit moments (left projections) are flat, as in one process.
 
 All sums of a step (left projections, block sums and what an optimizer's update sums over W's rows,
-``_shard_sums``, of every parameter) travel in **one** all-reduce per process group, plus one for
+``partial_row_sums``, of every parameter) travel in **one** all-reduce per process group, plus one for
 the finiteness flags (which the one-process step reads on the host anyway: no new host
 synchronisation per parameter).
 
@@ -88,18 +88,22 @@ import torch
 import torch.distributed as dist
 
 from galore_mini.errors import UsageError
+from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout
+from galore_mini.optim.core import HOST_STATE, ComposedOptimizer, ParamStep, resolve_dtype
 from galore_mini.optim.projection import (OVERSAMPLE, PROJ_METHODS, RANDOMIZED_POWER_STEPS, compute_projector,
                                          resolve_side)
 from galore_mini.optim.quant import BLOCK
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import Partial
 except ImportError:  # pragma: no cover - older torch: no DTensor, nothing to shard
     DTensor = None
 
-__all__ = ["is_dtensor", "ShardSpec", "shard_spec", "shard_rows", "sharded_keys", "unsupported_reason",
-           "sharded_layout", "fit_to_checkpoint"]
+__all__ = ["ShardedOptimizer", "is_dtensor", "ShardSpec", "shard_spec", "shard_rows", "sharded_keys",
+           "unsupported_reason", "sharded_layout", "fit_to_checkpoint", "communication_bytes"]
 
 
 def is_dtensor(t) -> bool:
@@ -164,8 +168,6 @@ def _describe(p: torch.Tensor, group: dict | None, index: int | None) -> str:
 
 def shard_spec(p: torch.Tensor, group: dict | None = None, index: int | None = None) -> ShardSpec:
     """The :class:`ShardSpec` of a DTensor parameter; a clear error for placements we cannot serve."""
-    from torch.distributed.tensor.placement_types import Partial
-
     placements = tuple(p.placements)
     mesh = p.device_mesh
     sharded_dims = []
@@ -185,8 +187,6 @@ def shard_spec(p: torch.Tensor, group: dict | None = None, index: int | None = N
     if len(sharded_dims) > 1:
         raise UsageError(f"{_describe(p, group, index)} is sharded by rows on {len(sharded_dims)} mesh dimensions "
                          f"{placements}; shard it on one mesh dimension (FSDP2 or HSDP)")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local_shape, offset = compute_local_shape_and_global_offset(tuple(p.shape), mesh, placements)
     pg = mesh.get_group(sharded_dims[0]) if sharded_dims and mesh.size(sharded_dims[0]) > 1 else None
     rows_total = p.shape[0] if p.dim() else 1
@@ -204,8 +204,6 @@ def _rows_layout(layout: BlockLayout) -> bool:
 
 def sharded_keys(optimizer, p: torch.Tensor, group: dict) -> set[str]:
     """State keys laid out like the rows of `p` (sharded with them); the others are replicated."""
-    from galore_mini.optim.core import HOST_STATE
-
     keys = set()
     side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
     blocks = _v_blocks(optimizer, p.shape, group)
@@ -227,18 +225,15 @@ def sharded_keys(optimizer, p: torch.Tensor, group: dict) -> set[str]:
 
 def _v_blocks(optimizer, shape, group: dict) -> BlockLayout | None:
     """The blocks `v` is kept over: the weight's, or (GaLore-mini approach 1) blocks counted on R."""
-    if not optimizer.uses_blocks:
-        return None
-    v_layout = getattr(optimizer, "_v_layout", None)
-    return v_layout(tuple(shape), group) if v_layout is not None else optimizer._block_layout(shape, group)
+    return optimizer.v_layout(tuple(shape), group)
 
 
 def _grad_blocks(optimizer, p: torch.Tensor, group: dict) -> BlockLayout | None:
     """The blocks whose sums of squares of G a sharded step takes (None: `v` is not fed from G's
-    blocks — no blocks, or GaLore-mini's approach 1, whose `v` is fed from R by ``_shard_sums``)."""
+    blocks — no blocks, or GaLore-mini's approach 1, whose `v` is fed from R by ``partial_row_sums``)."""
     if not optimizer.uses_blocks or ("rank" in group and group.get("approach", 3) == 1):
         return None
-    return optimizer._block_layout(p.shape, group)
+    return optimizer.block_layout(p.shape, group)
 
 
 def unsupported_reason(optimizer, group: dict) -> str | None:
@@ -289,10 +284,7 @@ def check_group(optimizer, group: dict) -> None:
 
 def init_state(optimizer, p: torch.Tensor, group: dict, state: dict) -> None:
     """Allocate `p`'s state as DTensors (see module docstring for the placements)."""
-    from galore_mini.optim import quant
-    from galore_mini.optim.core import HOST_STATE
-
-    spec = optimizer._shard_spec(p)
+    spec = optimizer.shard_spec(p)
     sharded = sharded_keys(optimizer, p, group)
     for key, (dims, dtype) in sharded_layout(optimizer, p, group).items():
         if key in HOST_STATE:
@@ -310,8 +302,6 @@ def init_state(optimizer, p: torch.Tensor, group: dict, state: dict) -> None:
 def to_state_tensor(optimizer, p: torch.Tensor, group: dict, key: str, value: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor in the layout this run's parameter needs (a one-process checkpoint into a
     sharded run takes this rank's rows; a DTensor into a plain run is gathered)."""
-    from galore_mini.optim.core import HOST_STATE
-
     if key in HOST_STATE:
         return (value.full_tensor() if is_dtensor(value) else value).to("cpu").clone()
     eight_bit = eight_bit_keys(optimizer, p, group).get(key)
@@ -319,7 +309,7 @@ def to_state_tensor(optimizer, p: torch.Tensor, group: dict, key: str, value: to
         return to_8bit_state(optimizer, p, group, key, value, eight_bit)
     if not is_dtensor(p):
         return (value.full_tensor() if is_dtensor(value) else value).to(p.device).clone()
-    spec = optimizer._shard_spec(p)
+    spec = optimizer.shard_spec(p)
     wanted = [Shard(0) if isinstance(x, Shard) else Replicate() for x in spec.placements] \
         if key in sharded_keys(optimizer, p, group) else [Replicate()] * spec.mesh.ndim
     if is_dtensor(value):
@@ -427,11 +417,9 @@ def _padded_blocks(flat: torch.Tensor, lead: int, n_local: int) -> torch.Tensor:
 def rows_dequantize(codes: torch.Tensor, table: torch.Tensor, offset: int, signed: bool) -> torch.Tensor:
     """The fp32 values of local rows ``codes`` (rows×cols) given their absmax `table` (rows×K); the same
     product of codebook value and block absmax as :func:`quant.dequantize`, so the same bits."""
-    from galore_mini.optim import quant
-
     rows, cols = codes.shape
     _, lead, n_local, _, _, block_row, block_slot = _row_blocks(offset, rows, cols, codes.device)
-    book, _ = quant._codebook(signed, codes.device)
+    book, _ = quant.codebook(signed, codes.device)
     values = book[codes.reshape(-1).long()]
     absmax = table[block_row, block_slot]
     product = (_padded_blocks(values, lead, n_local) * absmax[:, None]).reshape(-1)
@@ -542,11 +530,9 @@ class RowQuantizer:
 def _code(out: torch.Tensor, padded: torch.Tensor, block_max: torch.Tensor, lead: int, signed: bool) -> None:
     """``out`` ← codes of the entries of `padded` (blocks×BLOCK, entries from `lead` on) with these block
     maxima: the division and bucketing of :func:`quant.quantize`, so the same codes."""
-    from galore_mini.optim import quant
-
     safe = torch.where(block_max > 0, block_max, torch.ones_like(block_max))
     normalized = (padded / safe[:, None]).reshape(-1)[lead:lead + out.numel()]
-    _, bounds = quant._codebook(signed, padded.device)
+    _, bounds = quant.codebook(signed, padded.device)
     out.copy_(torch.bucketize(normalized, bounds).view(out.shape))
 
 
@@ -558,20 +544,20 @@ class RowQuantizedStep:
     quantizer: "RowQuantizer | None" = None
     spec: "ShardSpec | None" = None
 
-    def _read(self, key, shape, signed):
+    def read(self, key, shape, signed):
         buf = self.state[key]
         if buf.dtype == torch.uint8 and buf.dim() == 2:
             if any(w.codes is buf for _, w in self.quantizer.pending):
                 raise RuntimeError(f"internal: 8-bit moment {key!r} read before its straddling blocks were settled")
             return rows_dequantize(buf, self.state[key + "_absmax"], self.spec.offset, signed).view(shape)
-        return super()._read(key, shape, signed)
+        return super().read(key, shape, signed)
 
-    def _write(self, key, value, signed):
+    def write(self, key, value, signed):
         buf = self.state[key]
         if buf.dtype == torch.uint8 and buf.dim() == 2:
             self.quantizer.write(self.spec, buf, self.state[key + "_absmax"], value.reshape(buf.shape), signed)
         else:
-            super()._write(key, value, signed)
+            super().write(key, value, signed)
 
 
 def to_8bit_state(optimizer, p: torch.Tensor, group: dict, key: str, value: torch.Tensor, kind: tuple[str, int, int]
@@ -581,7 +567,7 @@ def to_8bit_state(optimizer, p: torch.Tensor, group: dict, key: str, value: torc
     codes_key, m, cols = kind
     is_codes = key == codes_key
     if is_dtensor(value) and value.dim() == 2 and is_dtensor(p):
-        spec = optimizer._shard_spec(p)
+        spec = optimizer.shard_spec(p)
         wanted = [Shard(0) if isinstance(x, Shard) else Replicate() for x in spec.placements]
         if value.device_mesh == spec.mesh:
             if tuple(value.placements) != tuple(wanted):
@@ -592,7 +578,7 @@ def to_8bit_state(optimizer, p: torch.Tensor, group: dict, key: str, value: torc
         if whole.dim() == 1:
             return whole.clone()
         return whole.reshape(-1).clone() if is_codes else rows_to_flat_absmax(whole, cols)
-    spec = optimizer._shard_spec(p)
+    spec = optimizer.shard_spec(p)
     codes_shape, table_shape = row_form_shapes(m * cols, m)
     if whole.dim() == 2:
         rows_whole = whole
@@ -667,12 +653,13 @@ class ShardLayout:
     ``v`` per row is sharded with the rows: its local entries need only the local gradient. Any other
     layout keeps ``v`` whole on every rank: :meth:`partial_sums` are this rank's block sums of squares,
     summed across ranks before :meth:`set_sums` (so a block that straddles a shard boundary gets one
-    ``v`` from all its rows). Offers what ``ParamStep`` and the optimizers' ``_update`` use of a
-    :class:`BlockLayout`: ``kind``, ``n_blocks``, ``block_mean_sq``, ``expand``.
+    ``v`` from all its rows). Offers what ``ParamStep`` and the rules' ``compute_update`` use of a
+    :class:`BlockLayout`: ``kind``, ``axis``, ``runs``, ``n_blocks``, ``block_mean_sq``, ``expand``.
     """
 
     def __init__(self, base: BlockLayout, spec: ShardSpec):
         self.base, self.spec, self.kind = base, spec, base.kind
+        self.axis, self.runs = base.axis, base.runs  # read as a BlockLayout's
         self.local_v = base.kind == "elementwise" or _rows_layout(base)
         self.means: torch.Tensor | None = None
 
@@ -916,19 +903,54 @@ def _gather_flat(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> list[torch.Ten
 # -- the step -------------------------------------------------------------------------------------
 
 
+class ShardStep(RowQuantizedStep, ParamStep):
+    """A :class:`ParamStep` on local shards: ``param`` and ``grad`` are this rank's rows, `shape` the whole
+    weight's, a left projection arrives reduced across ranks (`low`), and ``row_totals`` holds the sums
+    over all rows that the rule asked for (:meth:`ComposedOptimizer.partial_row_sums`)."""
+
+    def __init__(self, param, grad, state, group, t, side, layout, low, spec=None, shape=None):
+        super().__init__(param, grad, state, group, t, side, layout)
+        self._low, self._right = low, None
+        # (a refresh's view of the moments has no parameter, and needs no shape)
+        whole = shape if shape is not None else (param.shape if param is not None else None)
+        self.spec, self._shape = spec, None if whole is None else torch.Size(whole)
+        self.row_totals = {}
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def set_reduced_projection(self, low: torch.Tensor) -> None:
+        """The low-rank gradient of a left (or two-sided) projection, summed across ranks."""
+        self._low = low
+
+    def project(self, g):
+        if self._low is not None and g is self.grad:
+            return self._low
+        if self.side in ("left", "full"):
+            raise RuntimeError("internal: a left projection of a sharded weight must be reduced across ranks")
+        if self.side == "right" and g is self.grad:
+            # local; kept, as ``partial_row_sums`` and ``compute_update`` both read it
+            if self._right is None:
+                self._right = super().project(g)
+            return self._right
+        return super().project(g)
+
+
 class ShardedProjectors:
-    """What ``ComposedOptimizer._install_projector`` needs to adopt whole projectors into local state."""
+    """The :class:`~galore_mini.optim.core.ShardView` of one DTensor parameter: how a refresh adopts whole
+    projectors into its local state."""
 
     def __init__(self, spec: ShardSpec, sharded: set[str], quantizer: "RowQuantizer | None" = None):
         self.spec, self.sharded, self.quantizer = spec, sharded, quantizer
 
-    def param_step(self, state: dict, group: dict, side: str):
+    def moments(self, state: dict, group: dict, side: str) -> ShardStep:
         """A step view of `state` (local shards) for reading and writing moments at a refresh."""
-        ps = _shard_step_class()(None, None, state, group, 0, side, None, None, self.spec)
+        ps = ShardStep(None, None, state, group, 0, side, None, None, self.spec)
         ps.quantizer = self.quantizer
         return ps
 
-    def local_of(self, key: str, value: torch.Tensor) -> torch.Tensor:
+    def localize(self, key: str, value: torch.Tensor) -> torch.Tensor:
         return self.spec.local_rows(value) if key in self.sharded else value
 
     def whole(self, state: dict) -> dict:
@@ -992,12 +1014,13 @@ class _ShardWork(NamedTuple):
     spec: ShardSpec
 
 
-def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
-    """One update of DTensor parameters (see module docstring); `items` are ``(param, group)``."""
+def step_sharded(optimizer: "ShardedOptimizer", items: list[tuple[torch.Tensor, dict]]) -> None:
+    """One update of DTensor parameters (see module docstring); `items` are ``(param, group)``. Drives
+    the optimizer through its public step protocol (see :class:`~galore_mini.optim.core.ComposedOptimizer`)."""
     work = []
     for p, group in items:
-        grad = optimizer._checked_grad(p)
-        spec = optimizer._shard_spec(p)
+        grad = optimizer.checked_grad(p)
+        spec = optimizer.shard_spec(p)
         if not is_dtensor(grad) or tuple(grad.placements) != tuple(p.placements):
             found = tuple(grad.placements) if is_dtensor(grad) else "a plain tensor"
             raise UsageError(f"{type(optimizer).__name__}: the gradient of {_describe(p, group, None)} is {found}, "
@@ -1017,11 +1040,11 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
     probes = [(work[i].spec, sums[i] if sums[i] is not None else work[i].grad) for i in checked]
     for i, ok in zip(checked, global_finite_flags(probes)):
         flags[i] = ok
-    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer._admit(item.param, item.group, ok)]
+    admitted = [i for i, (item, ok) in enumerate(zip(work, flags)) if optimizer.admit(item.param, item.group, ok)]
     ready = [work[i] for i in admitted]
     layouts = [layouts[i] for i in admitted]
     sums = [sums[i] for i in admitted]
-    steps = optimizer._next_steps([(item.param, item.group) for item in ready])
+    steps = optimizer.start_steps([(item.param, item.group) for item in ready])
     if not ready:
         return
     views = [_local_state(optimizer.state[item.param]) for item in ready]
@@ -1034,33 +1057,33 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         p, g, group, spec = ready[i]
         side = resolve_side(group["proj_type"], p.shape)
         refreshes.append(projector_refresh(spec, g, group["rank"], side, group["proj_method"],
-                                           views[i] if steps[i] > 1 else {}, optimizer._generator(p, steps[i]),
-                                           _proj_dtype(group)))
+                                           views[i] if steps[i] > 1 else {}, optimizer.sketch_generator(p, steps[i]),
+                                           resolve_dtype(group["proj_dtype"], "proj_dtype")))
     for i, new in zip(due_now, run_in_lockstep(refreshes)):
         p, g, group, spec = ready[i]
         side = resolve_side(group["proj_type"], p.shape)
-        optimizer._install_projector(p, group, views[i], side, steps[i], new, steps[i] > 1,
-                                     shard=ShardedProjectors(spec, sharded_keys(optimizer, p, group), quantizer))
+        optimizer.install_projector(p, group, views[i], side, steps[i], new, steps[i] > 1,
+                                    view=ShardedProjectors(spec, sharded_keys(optimizer, p, group), quantizer))
     quantizer.flush()  # moments rotated at a refresh are read by the update below
     # every sum this step needs, in one all-reduce: left projections, block sums of squares and what
-    # the optimizer's own update sums over all of W's rows (``_shard_sums``)
+    # the rule sums over all of W's rows (``partial_row_sums``)
     pieces, owners = [], []
     shard_steps = []
     for index, ((p, g, group, spec), view, t) in enumerate(zip(ready, views, steps)):
         if sums[index] is not None:
             if not layouts[index].needs_reduction:
-                layouts[index].set_sums(sums[index])  # local: ready for ``_shard_sums``
+                layouts[index].set_sums(sums[index])  # local: ready for ``partial_row_sums``
             else:
                 pieces.append((spec, sums[index]))
                 owners.append(("sums", index, None))
-        ps = _shard_step_class()(local(p), g if g.dtype == torch.float32 else g.float(), view, group, t,
-                                 resolve_side(group["proj_type"], p.shape) if "rank" in group else None,
-                                 layouts[index], None, spec, p.shape)
+        ps = ShardStep(local(p), g if g.dtype == torch.float32 else g.float(), view, group, t,
+                       resolve_side(group["proj_type"], p.shape) if "rank" in group else None,
+                       layouts[index], None, spec, p.shape)
         ps.quantizer = quantizer
         shard_steps.append(ps)
-        for name, part in optimizer._shard_sums(ps).items():
+        for name, part in optimizer.partial_row_sums(ps).items():
             pieces.append((spec, part.float()))
-            owners.append(("across", index, name))
+            owners.append(("rows", index, name))
         if "rank" in group:
             side = resolve_side(group["proj_type"], p.shape)
             if side in ("left", "full"):
@@ -1074,54 +1097,60 @@ def step_sharded(optimizer, items: list[tuple[torch.Tensor, dict]]) -> None:
         if kind == "sums":
             layouts[index].set_sums(value)
         elif kind == "low":
-            shard_steps[index]._low = value
+            shard_steps[index].set_reduced_projection(value)
         else:
-            shard_steps[index].across[name] = value
+            shard_steps[index].row_totals[name] = value
     for (p, _, group, _), view, ps in zip(ready, views, shard_steps):
         view["step"] += 1
-        optimizer._apply(local(p), group, optimizer._update(ps))
+        optimizer.apply_update(local(p), group, optimizer.compute_update(ps))
     quantizer.flush()
 
 
-def _proj_dtype(group: dict) -> torch.dtype:
-    from galore_mini.optim.core import _dtype
+class ShardedOptimizer(ComposedOptimizer):
+    """The sharded layer: a :class:`~galore_mini.optim.core.ComposedOptimizer` that also takes FSDP2 /
+    DTensor parameters (see the module docstring). Plain parameters take the base's step unchanged;
+    DTensor parameters take :func:`step_sharded`, with state allocated, loaded and counted as
+    DTensors. Every optimizer of the package is built on this layer; the base knows no DTensor."""
 
-    return _dtype(group["proj_dtype"], "proj_dtype")
+    def validate_group(self, group):
+        super().validate_group(group)
+        check_group(self, group)
 
+    def shard_spec(self, p: torch.Tensor) -> ShardSpec:
+        """Where `p`'s rows live (cached: a parameter's placements do not change while the optimizer holds it)."""
+        cache = self.__dict__.setdefault("_shard_specs", {})
+        spec = cache.get(id(p))
+        if spec is None:
+            spec = cache[id(p)] = shard_spec(p)
+        return spec
 
-@functools.cache
-def _shard_step_class():
-    # ParamStep lives in core, which imports this module: subclass it on first use
-    from galore_mini.optim.core import ParamStep
+    def init_state(self, p, group, state):
+        if is_dtensor(p):
+            init_state(self, p, group, state)
+        else:
+            super().init_state(p, group, state)
 
-    class ShardStep(RowQuantizedStep, ParamStep):
-        """A :class:`ParamStep` on local shards, whose left projection was reduced across ranks already."""
+    def update_params(self, items):
+        sharded = [item for item in items if is_dtensor(item[0])]
+        if sharded:
+            # FSDP2 / DTensor parameters: local shards, explicit small collectives
+            step_sharded(self, sharded)
+            items = [item for item in items if not is_dtensor(item[0])]
+        super().update_params(items)
 
-        def __init__(self, param, grad, state, group, t, side, layout, low, spec=None, shape=None):
-            super().__init__(param, grad, state, group, t, side, layout)
-            self._low, self._right = low, None
-            # (a refresh's view of the moments has no parameter, and needs no shape)
-            whole = shape if shape is not None else (param.shape if param is not None else None)
-            self.spec, self._shape = spec, None if whole is None else torch.Size(whole)
-            self.across = {}
+    def loadable_shapes(self, p, group, key, dims):
+        # a sharded run's 8-bit moments are laid out by rows (see eight_bit_keys)
+        return loadable_shapes(self, p, group, key, dims)
 
-        @property
-        def shape(self):
-            return self._shape
+    def restore_state_tensor(self, p, group, key, value, dims):
+        if is_dtensor(value) or is_dtensor(p) or tuple(value.shape) != tuple(dims):
+            return to_state_tensor(self, p, group, key, value)
+        return super().restore_state_tensor(p, group, key, value, dims)
 
-        def project(self, g):
-            if self._low is not None and g is self.grad:
-                return self._low
-            if self.side in ("left", "full"):
-                raise RuntimeError("internal: a left projection of a sharded weight must be reduced across ranks")
-            if self.side == "right" and g is self.grad:
-                # local; kept, as ``_shard_sums`` and ``_update`` both read it
-                if self._right is None:
-                    self._right = super().project(g)
-                return self._right
-            return super().project(g)
-
-    return ShardStep
+    def state_bytes(self) -> int:
+        """Bytes held by all state tensors (on this rank: a DTensor counts its local shard)."""
+        return sum(local(v).numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
 
 
 # -- communication, counted ----------------------------------------------------------------------

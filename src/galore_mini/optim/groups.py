@@ -90,7 +90,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from galore_mini import methods as registry
 from galore_mini.errors import UsageError
 from galore_mini.optim.blocks import parse_block
-from galore_mini.optim.core import PROJECTION_DEFAULTS
+from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer
 from galore_mini.optim.projection import resolve_side
 
 log = logging.getLogger("galore_mini")
@@ -721,8 +721,6 @@ def _optimizer_class(spec) -> type:
 
 def _constructor_options(cls: type) -> set[str]:
     """Keyword options `cls` takes, following ``**kwargs`` up to the optimizer base classes."""
-    from galore_mini.optim.core import ComposedOptimizer
-
     accepted: set[str] = set()
     for klass in cls.__mro__:
         if klass in (ComposedOptimizer, torch.optim.Optimizer, object) or "__init__" not in vars(klass):
