@@ -172,6 +172,12 @@ class CapturableMixin:
             self._init_one(index, group)
 
     def _init_one(self, index: int, group) -> None:
+        # this runs only for a sync-free step; torch.compile traces a step as one while it leaves the
+        # group's own flag False (it sets it in its view of the group only, or on CUDA only before the
+        # first step): the group becomes capturable for good, so eager steps, state_dict() and
+        # load_state_dict() agree with the layout made here
+        if "capturable" in group:
+            group["capturable"] = True
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -183,7 +189,7 @@ class CapturableMixin:
             # get their host clock, equal to the counter (the schedule is the same)
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
-            if group.get("capturable") and "rank" in group and "host_step" not in state:
+            if "rank" in group and "host_step" not in state:
                 state["host_step"] = state["step"].detach().to("cpu", torch.int64).clone()
             if p.device not in self.device_skips:
                 self.device_skips[p.device] = torch.zeros((), dtype=torch.int64, device=p.device)

@@ -721,19 +721,22 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not isinstance(saved_groups, list) or not all(isinstance(g, dict) and "params" in g for g in saved_groups):
             raise UsageError("corrupt optimizer checkpoint: 'param_groups' must be a list of dicts with 'params'")
         name = type(self).__name__
-        if len(saved_groups) != len(self.param_groups):
-            raise UsageError(f"optimizer checkpoint has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}: was it saved for another model or method?")
-        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
-            ours, theirs = _option_keys(current.keys()), _option_keys(saved.keys())
+        # the class first: another optimizer's checkpoint often has another number of groups too
+        ours = _option_keys(self.defaults.keys())
+        for index, saved in enumerate(saved_groups):
+            theirs = _option_keys(saved.keys())
             if ours != theirs:
                 other = _class_with_options(theirs, type(self))
                 raise UsageError(
                     f"optimizer checkpoint was saved by {other}, not {name} (param group {index} has options "
                     f"{', '.join(sorted(theirs - ours)) or '-'} that {name} does not take, and lacks "
-                    f"{', '.join(sorted(ours - theirs)) or '-'}); build a {other if other[0].isupper() else name} "
-                    "to load it, or start this optimizer afresh"
+                    f"{', '.join(sorted(ours - theirs)) or '-'}); load it into a "
+                    f"{other if other[0].isupper() else 'matching optimizer'}, or start this {name} afresh"
                 )
+        if len(saved_groups) != len(self.param_groups):
+            raise UsageError(f"optimizer checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}: was it saved for another model or method?")
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(current["params"]):
                 raise UsageError(f"optimizer checkpoint param group {index} has {len(saved['params'])} parameters, "
                                  f"this optimizer {len(current['params'])}: was it saved for another model or method?")

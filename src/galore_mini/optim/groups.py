@@ -758,12 +758,14 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     projection = {k: options.pop(k) for k in list(options) if k in PROJECTION_DEFAULTS}
     unknown = [k for k in options if k not in accepted]
     if unknown:
+        # this function's own keywords (rank, update_proj_gap, …) are options too, for hints and the list
+        known = accepted | _OWN_OPTIONS
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(accepted | set(PROJECTION_DEFAULTS)), n=1)
+            close = difflib.get_close_matches(key, sorted(known | set(PROJECTION_DEFAULTS)), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise UsageError(f"create_optimizer: unknown option(s) {', '.join(hints)} for method={method!r} "
-                         f"({cls.__name__}); its options are {', '.join(sorted(accepted))}"
+                         f"({cls.__name__}); its options are {', '.join(sorted(known))}"
                          + (f"; projection options are {', '.join(PROJECTION_DEFAULTS)}" if spec.projected else ""))
     groups = param_groups(model, method, rank=rank if spec.projected else None,
                           target_modules=target_modules, overrides=overrides)
@@ -781,3 +783,8 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     optimizer = cls(groups, **kwargs)
     log.info("%s", groups.summary())
     return optimizer
+
+
+# create_optimizer's keyword options (not the model, the method or the ones it forwards)
+_OWN_OPTIONS = frozenset(name for name, parameter in inspect.signature(create_optimizer).parameters.items()
+                         if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name not in ("model", "method"))
