@@ -8,7 +8,7 @@ import torch
 
 import galore_mini as gm
 from conftest import batches, tiny_llama
-from galore_mini.optim import galore_mini as galore_mini_module
+from galore_mini.optim import adam_mini as adam_mini_module
 
 CONFIGS = {
     "galore_mini": ("galore_mini", {}),
@@ -75,8 +75,8 @@ def test_multi_tensor_step_equals_reference_bitwise(config):
 
 def test_multi_tensor_path_is_taken_and_can_be_turned_off(monkeypatch):
     calls = []
-    real = galore_mini_module.block_adam_multi_tensor
-    monkeypatch.setattr(galore_mini_module, "block_adam_multi_tensor",
+    real = adam_mini_module.block_adam_multi_tensor
+    monkeypatch.setattr(adam_mini_module, "block_adam_multi_tensor",
                         lambda opt, items, steps: (calls.append(len(items)), real(opt, items, steps)))
     models, opts = _pair("galore_mini", {})
     ids = batches(vocab=128, n=1, batch=2, seq=12)[0]

@@ -118,13 +118,30 @@ def block_adam_capturable(optimizer, group: dict, chosen: list[tuple]) -> None:
 # -- the optimizer ----------------------------------------------------------------------------------
 
 
-class AdamMini(CapturableMixin, ShardedOptimizer):
+class BlockAdam(CapturableMixin, ShardedOptimizer):
+    """The optimizers whose rule is block-Adam (Adam-mini, GaLore-mini): the rule's single-tensor,
+    multi-tensor and capturable executions, and blocks in the groups."""
+
+    uses_blocks = True
+
+    def compute_update(self, ps: ParamStep) -> Update:
+        return block_adam_update(ps)
+
+    def _multi_tensor_layout(self, p, group):
+        return multi_tensor.block_layout_if_eligible(self, p, group)
+
+    def _multi_tensor_step(self, items, steps):
+        block_adam_multi_tensor(self, items, steps)
+
+    def capturable_step(self, group, chosen):
+        block_adam_capturable(self, group, chosen)
+
+
+class AdamMini(BlockAdam):
     """Adam-mini (see module docstring). Args: ``lr``, ``betas``, ``eps``, ``weight_decay``
     (decoupled, before the update), ``nonfinite``, ``state_dtype``, ``foreach`` (``False`` forces the
     single-tensor reference path instead of the multi-tensor one), ``capturable`` (the
     sync-free step of :mod:`galore_mini.optim.capturable`); group key ``block``."""
-
-    uses_blocks = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, nonfinite: str = "skip", state_dtype=None,
@@ -142,15 +159,3 @@ class AdamMini(CapturableMixin, ShardedOptimizer):
         blocks = self.block_layout(shape, group)
         layout.update(self._moment("exp_avg_sq", (blocks.n_blocks,) if blocks.kind != "elementwise" else shape, group))
         return layout
-
-    def compute_update(self, ps: ParamStep) -> Update:
-        return block_adam_update(ps)
-
-    def _multi_tensor_layout(self, p, group):
-        return multi_tensor.block_layout_if_eligible(self, p, group)
-
-    def _multi_tensor_step(self, items, steps):
-        block_adam_multi_tensor(self, items, steps)
-
-    def capturable_step(self, group, chosen):
-        block_adam_capturable(self, group, chosen)

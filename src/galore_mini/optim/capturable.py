@@ -51,14 +51,13 @@ Example (the recipe; ``lr`` as a tensor so a scheduler changing it does not reco
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 import weakref
 
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim.core import resolve_dtype
+from galore_mini.optim.dtypes import resolve_dtype
 from galore_mini.optim.projection import compute_projector, project, resolve_side
 
 _OPTIMIZERS: "weakref.WeakValueDictionary[int, CapturableMixin]" = weakref.WeakValueDictionary()

@@ -39,77 +39,36 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from galore_mini.errors import UsageError
+from galore_mini.errors import UsageError, check_number
 from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
+from galore_mini.optim.dtypes import dtype_name, resolve_dtype
 from galore_mini.optim.primitives import Update, apply_update, bias_corrections, ema_, ema_sq_
 from galore_mini.optim.projection import (
-    PROJ_METHODS,
-    PROJ_TYPES,
     LowRankProduct,
     back_factors,
-    compute_projector,
     low_rank_shape,
     project,
     projector_shapes,
     resolve_side,
 )
-from galore_mini.optim.refresh import MOMENT_POLICIES, adopt_projector
+from galore_mini.optim.refresh import (MOMENT_POLICIES, PROJECTION_DEFAULTS, adopt_projector, refresh_due,
+                                      validate_projection)
 
 __all__ = ["ComposedOptimizer", "ParamStep", "Update", "WorkItem", "PROJECTION_DEFAULTS", "HOST_STATE",
            "MOMENT_POLICIES", "NONFINITE_POLICIES", "resolve_dtype", "dtype_name"]
 
 NONFINITE_POLICIES = ("skip", "raise", "off")
 
-# Options a group may carry when it has `rank`; filled in when missing.
-PROJECTION_DEFAULTS: dict[str, Any] = dict(
-    update_proj_gap=200,
-    scale=0.25,
-    proj_type="std",
-    proj_method="svd",
-    moment_policy="keep",
-    adaptive_gap=False,
-    gap_threshold=0.4,
-    gap_growth=2,
-    gap_window=5,
-    max_gap=None,
-    proj_dtype=None,
-    stagger_refresh=False,
-)
 # Keys torch or its schedulers put in groups, and descriptive keys of ours.
 PASSIVE_KEYS = {"params", "name", "param_names", "initial_lr"}
 # State that lives on the CPU whatever the parameter's device: read every step, so no device sync.
 HOST_STATE = ("step", "refresh", "similarity")
-# Largest stack of same-shaped gradients refreshed in one batched call.
-REFRESH_BATCH_BYTES = 256 * 2 ** 20
-BATCH_REFRESH_ON_CPU = False
 # Group options that decide the shapes or meaning of state tensors.
 STRUCTURAL_KEYS = ("rank", "proj_type", "block", "approach", "moment_bits", "state_dtype", "proj_dtype",
                    "adaptive_gap", "gap_window", "min_8bit_size", "beta1")
 # Group keys that say how this process steps, not what the optimizer is (compared by nothing).
 MODE_KEYS = {"capturable", "foreach"}
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(value, name: str) -> torch.dtype:
-    """A group's dtype option (None: fp32; a torch dtype; or a name such as ``"bf16"``) as a torch dtype."""
-    if value is None:
-        return torch.float32
-    if isinstance(value, torch.dtype):
-        return value
-    if value in _DTYPES:
-        return _DTYPES[value]
-    raise UsageError(f"{name}={value!r}: use one of {sorted(set(_DTYPES))}")
-
-
-def dtype_name(value) -> str | None:
-    """Group values stay plain strings so `state_dict()` holds no torch objects."""
-    if value is None or isinstance(value, str):
-        return value
-    return str(value).replace("torch.", "")
-
 
 @dataclass(slots=True)
 class WorkItem:
@@ -245,7 +204,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
     uses_blocks = False
 
     def __init__(self, params, defaults: dict[str, Any], projection_defaults: dict[str, Any] | None = None):
-        self._check_scalar("lr", defaults.get("lr"), allow_none=True)
+        check_number("lr", defaults.get("lr"), allow_none=True)
         projection_defaults = dict(projection_defaults or {})
         unknown = sorted(set(projection_defaults) - set(PROJECTION_DEFAULTS))
         if unknown:
@@ -260,15 +219,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # -- validation --------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_scalar(name: str, value, *, allow_none: bool = False, low: float = 0.0) -> None:
-        if value is None and allow_none:
-            return
-        if isinstance(value, torch.Tensor):
-            value = float(value)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < low:
-            raise UsageError(f"{name}={value!r} is invalid: it must be a finite number >= {low}")
 
     def _allowed_keys(self) -> set[str]:
         keys = set(self.defaults) | PASSIVE_KEYS | {"rank"} | set(PROJECTION_DEFAULTS)
@@ -307,12 +257,12 @@ class ComposedOptimizer(torch.optim.Optimizer):
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Refuse a param group's bad options (one-line :class:`UsageError` naming the option and the fix)."""
-        self._check_scalar("lr", group["lr"], allow_none=True)
+        check_number("lr", group["lr"], allow_none=True)
         if "weight_decay" in group:
-            self._check_scalar("weight_decay", group["weight_decay"])
+            check_number("weight_decay", group["weight_decay"])
         eps = group.get("eps")
         if isinstance(eps, (int, float)):
-            self._check_scalar("eps", eps)
+            check_number("eps", eps)
         betas = group.get("betas")
         if betas is not None:
             if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -330,44 +280,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters (shape {list(p.shape)})")
         if "rank" in group:
-            self._validate_projection(group)
+            validate_projection(group)
         if self.uses_blocks and "block" in group:
             for p in group["params"]:
                 parse_block(group["block"], p.shape)
-
-    def _validate_projection(self, group: dict[str, Any]) -> None:
-        rank = group["rank"]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise UsageError(f"rank={rank!r} must be a positive integer")
-        gap = group["update_proj_gap"]
-        if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
-            raise UsageError(f"update_proj_gap={gap!r} must be an integer >= 1")
-        self._check_scalar("scale", group["scale"])
-        for key, allowed in (("proj_type", PROJ_TYPES), ("proj_method", PROJ_METHODS),
-                             ("moment_policy", MOMENT_POLICIES)):
-            if group[key] not in allowed:
-                raise UsageError(f"{key}={group[key]!r}: use one of {', '.join(allowed)}")
-        if group["adaptive_gap"]:
-            self._check_scalar("gap_threshold", group["gap_threshold"])
-            if not isinstance(group["gap_window"], int) or group["gap_window"] < 1:
-                raise UsageError(f"gap_window={group['gap_window']!r} must be an integer >= 1")
-            self._check_scalar("gap_growth", group["gap_growth"], low=1.0)
-            if group["max_gap"] is not None and (not isinstance(group["max_gap"], int) or group["max_gap"] < gap):
-                raise UsageError(f"max_gap={group['max_gap']!r} must be an integer >= update_proj_gap ({gap})")
-        resolve_dtype(group["proj_dtype"], "proj_dtype")
-        for p in group["params"]:
-            if p.dim() != 2:
-                raise UsageError(
-                    f"a parameter of shape {list(p.shape)} is in a group with rank={rank}, but only 2-D weights can be "
-                    "projected; put 1-D parameters (biases, norms) and embeddings in a group without `rank` "
-                    "(galore_mini.param_groups does this for you)"
-                )
-            if rank >= min(p.shape):
-                raise UsageError(
-                    f"rank={rank} must be below min(rows, cols)={min(p.shape)} for a weight of shape {list(p.shape)}: "
-                    "at that rank projection saves nothing; use a smaller rank or leave this weight out of the "
-                    "projected group (galore_mini.param_groups does this and logs it)"
-                )
 
     # -- state layout ------------------------------------------------------------------------
 
@@ -480,7 +396,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         steps = self.start_steps([(item.param, item.group) for item in ready])
         for item, t in zip(ready, steps):
             item.step = t
-        self._refresh_due(ready)
+        refresh_due(self, ready)
         fast = []
         for item in ready:
             if item.layout is None:
@@ -609,49 +525,6 @@ class ComposedOptimizer(torch.optim.Optimizer):
         side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
         layout = self.block_layout(p.shape, group) if self.uses_blocks else None
         self.apply_update(p, group, self.compute_update(ParamStep(p, grad, state, group, t, side, layout)))
-
-    def _refresh_due(self, ready: list[WorkItem]) -> None:
-        """Refresh, in batches of same-shaped matrices, every projector whose refresh falls on this step.
-
-        One batched QR/eigen/SVD call per shape replaces a call per matrix (on a GPU, one sequence of
-        kernel launches per shape instead of per matrix); stacks are capped at REFRESH_BATCH_BYTES of
-        gradient.
-        """
-        projected = [item for item in ready if "rank" in item.group]
-        if not projected:
-            return
-        due_at = torch.stack([self.state[item.param]["refresh"] for item in projected])[:, 0].tolist()
-        buckets: dict[tuple, list[WorkItem]] = {}
-        for item, due in zip(projected, due_at):
-            if item.step < due:
-                continue
-            side = resolve_side(item.group["proj_type"], item.param.shape)
-            key = (id(item.group), tuple(item.param.shape), side, item.grad.device, item.step > 1)
-            buckets.setdefault(key, []).append(item)
-        for (_, shape, side, device, had_projector), items in buckets.items():
-            # CPU LAPACK's SVD gains nothing from batching (BENCHMARKS.md, "Batched refresh on the CPU"),
-            # so on the CPU it stays per matrix
-            batched = device.type != "cpu" or BATCH_REFRESH_ON_CPU
-            per_chunk = max(1, REFRESH_BATCH_BYTES // (4 * math.prod(shape))) if batched else 1
-            for start in range(0, len(items), per_chunk):
-                chunk = items[start:start + per_chunk]
-                group = chunk[0].group
-                states = [self.state[item.param] for item in chunk]
-                if len(chunk) == 1:  # 2-D products (mm) beat a batch of one (bmm copies its operands)
-                    new = [compute_projector(chunk[0].grad, group["rank"], side, group["proj_method"],
-                                             states[0] if had_projector else {},
-                                             self.sketch_generator(chunk[0].param, chunk[0].step),
-                                             resolve_dtype(group["proj_dtype"], "proj_dtype"))]
-                else:
-                    old = {key: torch.stack([state[key] for state in states])
-                           for key in ("projector", "projector_right") if key in states[0]} if had_projector else {}
-                    stacked = compute_projector(torch.stack([item.grad.float() for item in chunk]), group["rank"],
-                                                side, group["proj_method"], old,
-                                                [self.sketch_generator(item.param, item.step) for item in chunk],
-                                                resolve_dtype(group["proj_dtype"], "proj_dtype"))
-                    new = [{k: v[i] for k, v in stacked.items()} for i in range(len(chunk))]
-                for item, state, projector in zip(chunk, states, new):
-                    self.install_projector(item.param, group, state, side, item.step, projector, had_projector)
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -90,7 +90,8 @@ import torch.distributed as dist
 from galore_mini.errors import UsageError
 from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout
-from galore_mini.optim.core import HOST_STATE, ComposedOptimizer, ParamStep, resolve_dtype
+from galore_mini.optim.core import HOST_STATE, ComposedOptimizer, ParamStep
+from galore_mini.optim.dtypes import resolve_dtype
 from galore_mini.optim.projection import (OVERSAMPLE, PROJ_METHODS, RANDOMIZED_POWER_STEPS, compute_projector,
                                          resolve_side)
 from galore_mini.optim.quant import BLOCK

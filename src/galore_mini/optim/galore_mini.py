@@ -42,13 +42,10 @@ Example::
 from __future__ import annotations
 
 from galore_mini.errors import UsageError
-from galore_mini.optim import multi_tensor
-from galore_mini.optim.adam_mini import (block_adam_capturable, block_adam_multi_tensor, block_adam_update,
-                                         block_step_size)
+from galore_mini.optim.adam_mini import BlockAdam, block_step_size
 from galore_mini.optim.blocks import BlockLayout
-from galore_mini.optim.capturable import CapturableMixin
 from galore_mini.optim.core import ParamStep
-from galore_mini.optim.distributed import ShardedOptimizer, ShardLayout
+from galore_mini.optim.distributed import ShardLayout
 from galore_mini.optim.primitives import Update
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
@@ -69,7 +66,7 @@ def low_rank_blocks(layout: BlockLayout, side: str, low_shape: tuple[int, int]) 
     return BlockLayout("axis", low_shape, layout.axis, ((low_shape[layout.axis], 1),))
 
 
-class GaLoreMini(CapturableMixin, ShardedOptimizer):
+class GaLoreMini(BlockAdam):
     """GaLore-mini (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
@@ -83,8 +80,6 @@ class GaLoreMini(CapturableMixin, ShardedOptimizer):
     reference, and ``proj_dtype="bf16"`` for faster projections where the
     hardware has bf16 matrix units; timings in BENCHMARKS.md, "Subspace refresh"). Group keys: ``rank`` (+ projection options), ``block``.
     """
-
-    uses_blocks = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
@@ -109,15 +104,6 @@ class GaLoreMini(CapturableMixin, ShardedOptimizer):
         if "rank" in group and group.get("block") == "elementwise":
             raise UsageError("block='elementwise' would store a full-size second moment for projected weights; "
                              "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
-
-    def _multi_tensor_layout(self, p, group):
-        return multi_tensor.block_layout_if_eligible(self, p, group)
-
-    def _multi_tensor_step(self, items, steps):
-        block_adam_multi_tensor(self, items, steps)
-
-    def capturable_step(self, group, chosen):
-        block_adam_capturable(self, group, chosen)
 
     def v_layout(self, shape, group) -> BlockLayout:
         layout = self.block_layout(shape, group)
@@ -171,7 +157,7 @@ class GaLoreMini(CapturableMixin, ShardedOptimizer):
         group = ps.group
         approach = group["approach"] if ps.projected else 3
         if approach == 3:  # the paper's GaLore-mini: Adam-mini's block rule around a projected first moment
-            return block_adam_update(ps)
+            return super().compute_update(ps)
         beta1, beta2 = group["betas"]
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
         if approach == 1:

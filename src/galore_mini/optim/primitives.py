@@ -42,12 +42,7 @@ def ema_(buf: Tensors, x: Tensors, beta: float, ok: torch.Tensor | None = None) 
         torch._foreach_mul_(buf, beta)
         torch._foreach_add_(buf, x, alpha=1.0 - beta)
         return buf
-    if ok is None:
-        buf.mul_(beta)
-    else:
-        buf.mul_(torch.where(ok, beta, 1.0))
-        x = torch.where(ok, x, 0.0)
-    return buf.add_(x, alpha=1.0 - beta)
+    return buf.add_(_decay_(buf, x, beta, ok), alpha=1.0 - beta)
 
 
 def ema_sq_(buf: Tensors, x: Tensors, beta: float, ok: torch.Tensor | None = None) -> Tensors:
@@ -56,12 +51,17 @@ def ema_sq_(buf: Tensors, x: Tensors, beta: float, ok: torch.Tensor | None = Non
         torch._foreach_mul_(buf, beta)
         torch._foreach_addcmul_(buf, x, x, value=1.0 - beta)
         return buf
+    x = _decay_(buf, x, beta, ok)
+    return buf.addcmul_(x, x, value=1.0 - beta)
+
+
+def _decay_(buf: torch.Tensor, x: torch.Tensor, beta: float, ok: torch.Tensor | None) -> torch.Tensor:
+    """``buf ← β·buf`` (kept where not `ok`); returns what the EMA adds: `x`, zero where not `ok`."""
     if ok is None:
         buf.mul_(beta)
-    else:
-        buf.mul_(torch.where(ok, beta, 1.0))
-        x = torch.where(ok, x, 0.0)
-    return buf.addcmul_(x, x, value=1.0 - beta)
+        return x
+    buf.mul_(torch.where(ok, beta, 1.0))
+    return torch.where(ok, x, 0.0)
 
 
 def block_mean_sq_from_norms(norms: Tensors, block_numel: int | list[int]) -> Tensors:
