@@ -14,8 +14,8 @@ Example::
 
     >>> import torch
     >>> m = torch.zeros(3)
-    >>> ema_(m, torch.ones(3), 0.9).tolist()
-    [0.09999999403953857, 0.09999999403953857, 0.09999999403953857]
+    >>> ema_(m, torch.full((3,), 2.0), 0.5).tolist()
+    [1.0, 1.0, 1.0]
     >>> ms = [torch.zeros(2), torch.zeros(1)]
     >>> [t.tolist() for t in ema_(ms, [torch.ones(2), torch.ones(1)], 0.5)]
     [[0.5, 0.5], [0.5]]
