@@ -5,6 +5,7 @@ the option a typo meant."""
 
 import copy
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -141,3 +142,14 @@ def test_create_optimizer_suggests_every_option(typo, meant):
     assert f"{typo!r} (did you mean {meant!r}?)" in message
     options = message.split("its options are ", 1)[1]
     assert "rank" in options.split("; ")[0].split(", ")
+
+
+def test_unpickled_optimizer_loads_its_own_checkpoint():
+    """torch adds `differentiable` to an unpickled optimizer's defaults (Trainer checkpoints do this); that is
+    not another optimizer class."""
+    _, opt = _trained("galore_mini", steps=2)
+    clone = pickle.loads(pickle.dumps(opt))
+    assert "differentiable" in clone.defaults
+    clone.load_state_dict(opt.state_dict())
+    for (_, a), (_, b) in zip(sorted(opt.state_dict()["state"].items()), sorted(clone.state_dict()["state"].items())):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -67,8 +67,9 @@ HOST_STATE = ("step", "refresh", "similarity")
 # Group options that decide the shapes or meaning of state tensors.
 STRUCTURAL_KEYS = ("rank", "proj_type", "block", "approach", "moment_bits", "state_dtype", "proj_dtype",
                    "adaptive_gap", "gap_window", "min_8bit_size", "beta1")
-# Group keys that say how this process steps, not what the optimizer is (compared by nothing).
-MODE_KEYS = {"capturable", "foreach"}
+# Group keys that say how this process steps, not what the optimizer is (compared by nothing); torch
+# adds `differentiable` to an unpickled optimizer's defaults
+MODE_KEYS = {"capturable", "foreach", "differentiable", "fused", "maximize"}
 
 @dataclass(slots=True)
 class WorkItem:

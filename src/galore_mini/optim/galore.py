@@ -1,9 +1,15 @@
-"""GaLore optimizers: Adam, 8-bit Adam and Adafactor on low-rank projected gradients.
+"""GaLore-AdamW and its 8-bit form: Adam on low-rank projected gradients (GaLore-Adafactor is in
+:mod:`.adafactor`, re-exported here).
 
 Drop-in replacements for galore-torch 1.0's classes (same constructor
 arguments, same param-group keys ``rank``, ``update_proj_gap``, ``scale``,
 ``proj_type``), with tensor-only state. Groups without ``rank`` get the plain
-optimizer (AdamW / Adafactor) on the full gradient.
+optimizer (AdamW) on the full gradient.
+
+The rule is written once, :func:`adam_moments` and :func:`adam_step_size`, and run by every path:
+:func:`adam_update` (the single-tensor reference, 8-bit moments, and the sharded step of
+:mod:`.distributed`), :func:`adam_multi_tensor` (lists, foreach kernels) and :func:`adam_capturable`
+(device coefficients, no host read).
 
 Algorithm (GaLore-AdamW, per projected weight W with gradient G, step t):
 the projector is recomputed from G when ``(t-1) mod T == 0``;
