@@ -1,9 +1,8 @@
 """The examples in the docstrings of the optimizer parts run (the modules test_docs.py does not list)."""
 
-import doctest
-import importlib
-
 import pytest
+
+from test_docs import test_docstring_examples as check_docstring_examples
 
 MODULES = ["galore_mini.errors", "galore_mini.optim.primitives", "galore_mini.optim.refresh",
            "galore_mini.optim.dtypes", "galore_mini.optim.adafactor", "galore_mini.optim.shards",
@@ -11,6 +10,5 @@ MODULES = ["galore_mini.errors", "galore_mini.optim.primitives", "galore_mini.op
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+def test_optimizer_part_examples(name):
+    check_docstring_examples(name)
