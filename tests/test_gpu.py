@@ -85,6 +85,6 @@ if __name__ == "__main__":
                 print("ok", cls.__name__, proj_dtype)
             except AssertionError as exc:
                 print("FAIL", cls.__name__, proj_dtype, str(exc).splitlines()[:4])
-    from galore_mini.optim import core
+    from galore_mini.optim import primitives as core
 
     print("fused bf16 addmm available:", core._CUDA_OUT_DTYPE_ADDMM[0])

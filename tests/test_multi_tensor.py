@@ -8,7 +8,7 @@ import torch
 
 import galore_mini as gm
 from conftest import batches, tiny_llama
-from galore_mini.optim import multi_tensor
+from galore_mini.optim import adam_mini as adam_mini_module
 
 CONFIGS = {
     "galore_mini": ("galore_mini", {}),
@@ -75,9 +75,9 @@ def test_multi_tensor_step_equals_reference_bitwise(config):
 
 def test_multi_tensor_path_is_taken_and_can_be_turned_off(monkeypatch):
     calls = []
-    real = multi_tensor.block_adam_step
-    monkeypatch.setattr(multi_tensor, "block_adam_step", lambda opt, items, steps: (calls.append(len(items)),
-                                                                                     real(opt, items, steps)))
+    real = adam_mini_module.block_adam_multi_tensor
+    monkeypatch.setattr(adam_mini_module, "block_adam_multi_tensor",
+                        lambda opt, items, steps: (calls.append(len(items)), real(opt, items, steps)))
     models, opts = _pair("galore_mini", {})
     ids = batches(vocab=128, n=1, batch=2, seq=12)[0]
     _step_both(models, opts, ids)
@@ -160,7 +160,7 @@ def test_block_norms_equal_the_definition():
 def test_bf16_weight_takes_one_gemm_rounded_once():
     """bf16 weight, bf16 factors: p ← keep·p + α·a@b in one addmm, within one bf16 ulp of the exact value
     everywhere and closer on average than multiplying out in bf16 first (the path it replaces)."""
-    from galore_mini.optim.core import _fused_low_rank_update
+    from galore_mini.optim.primitives import fused_low_rank_update
     from galore_mini.optim.projection import LowRankProduct
 
     gen = torch.Generator().manual_seed(0)
@@ -169,10 +169,10 @@ def test_bf16_weight_takes_one_gemm_rounded_once():
     keep, alpha = 0.999, -0.05
     exact = keep * p.double() + alpha * (a.double() @ b.double())
     fused = p.clone()
-    assert _fused_low_rank_update(fused, LowRankProduct(a, b), keep, alpha)
+    assert fused_low_rank_update(fused, LowRankProduct(a, b), keep, alpha)
     ulp = torch.exp2(torch.floor(torch.log2(exact.abs())) - 7)
     assert ((fused.double() - exact).abs() <= ulp).all()
     multiplied_out = (p.float() * keep + alpha * (a @ b).float()).bfloat16()
     assert (fused.double() - exact).abs().mean() <= (multiplied_out.double() - exact).abs().mean()
     fp32_factors = p.clone()  # fp32 factors with a bf16 weight: multiplied out in fp32 by the caller
-    assert not _fused_low_rank_update(fp32_factors, LowRankProduct(a.float(), b.float()), keep, alpha)
+    assert not fused_low_rank_update(fp32_factors, LowRankProduct(a.float(), b.float()), keep, alpha)

@@ -136,9 +136,9 @@ def test_staggered_refresh_spreads_second_refreshes():
 def test_batched_step_equals_per_parameter_steps(method, monkeypatch):
     """`step()` refreshes same-shaped weights in one batched call (as on GPUs); `step_param` one at a time."""
     import galore_mini as gm
-    from galore_mini.optim import core
+    from galore_mini.optim import refresh
 
-    monkeypatch.setattr(core, "BATCH_REFRESH_ON_CPU", True)
+    monkeypatch.setattr(refresh, "BATCH_REFRESH_ON_CPU", True)
 
     gen = torch.Generator().manual_seed(5)
     grads = [[torch.randn(24, 16, generator=gen) for _ in range(3)] for _ in range(7)]

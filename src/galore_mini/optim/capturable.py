@@ -51,15 +51,14 @@ Example (the recipe; ``lr`` as a tensor so a scheduler changing it does not reco
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 import weakref
 
 import torch
 
 from galore_mini.errors import UsageError
-from galore_mini.optim.core import _fused_low_rank_update, _dtype, compute_projector
-from galore_mini.optim.projection import LowRankProduct, back_factors, project, resolve_side
+from galore_mini.optim.dtypes import resolve_dtype
+from galore_mini.optim.projection import compute_projector, project, resolve_side
 
 _OPTIMIZERS: "weakref.WeakValueDictionary[int, CapturableMixin]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
@@ -80,12 +79,12 @@ def _(key, grads, writes):
 class CapturableMixin:
     """The ``capturable`` option of an optimizer built on :class:`~galore_mini.optim.core.ComposedOptimizer`.
 
-    A subclass sets :attr:`capturable_kind` (``"block"`` for a per-block ``v``, ``"adam"`` for
-    GaLore-AdamW's elementwise one). With every group ``capturable=False`` nothing here changes the
-    optimizer: ``step`` is the base class's.
+    This is the driver: the host phase (clocks, refreshes), the device-side finiteness flags and
+    counters (:func:`advance_counters`). The arithmetic is the update rule's own, in its file: a
+    subclass implements :meth:`capturable_step` with the rule's primitives given tensor-valued
+    coefficients. With every group ``capturable=False`` nothing here changes the optimizer: ``step``
+    is the base class's.
     """
-
-    capturable_kind = "block"
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -105,8 +104,8 @@ class CapturableMixin:
             return "FSDP2/DTensor parameters (their sharded step is host-side)"
         return None
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
+    def validate_group(self, group):
+        super().validate_group(group)
         if "capturable" not in group:
             return
         if group["capturable"] not in (True, False):
@@ -141,14 +140,14 @@ class CapturableMixin:
     @property
     def nonfinite_skips(self) -> int:
         """Updates skipped for non-finite gradients (reads the device counters: a host sync)."""
-        counters = getattr(self, "_device_skips", {})
+        counters = getattr(self, "device_skips", {})
         return self._host_skips + sum(int(c.item()) for c in counters.values())
 
     @nonfinite_skips.setter
     def nonfinite_skips(self, value: int) -> None:
         self._host_skips = int(value)
-        if hasattr(self, "_device_skips"):
-            for counter in self._device_skips.values():
+        if hasattr(self, "device_skips"):
+            for counter in self.device_skips.values():
                 counter.zero_()
 
     # -- state --------------------------------------------------------------------------------
@@ -166,21 +165,33 @@ class CapturableMixin:
         if not hasattr(self, "_host_key"):
             self._host_key = next(_KEYS)
             _OPTIMIZERS[self._host_key] = self
-            self._device_skips = {}
+            self.device_skips = {}
             self._plans = {}
         for index, group in enumerate(self.param_groups):
             self._init_one(index, group)
 
     def _init_one(self, index: int, group) -> None:
+        # this runs only for a sync-free step; torch.compile traces a step as one while it leaves the
+        # group's own flag False (it sets it in its view of the group only, or on CUDA only before the
+        # first step): the group becomes capturable for good, so eager steps, state_dict() and
+        # load_state_dict() agree with the layout made here
+        if "capturable" in group:
+            group["capturable"] = True
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                self._init_state(p, group, state)
+                self.init_state(p, group, state)
+            # state made by a host-synchronising step (torch.compile switches a group to capturable
+            # behind the constructor's back): the counter moves to the device and projected weights
+            # get their host clock, equal to the counter (the schedule is the same)
+            if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
-            if p.device not in self._device_skips:
-                self._device_skips[p.device] = torch.zeros((), dtype=torch.int64, device=p.device)
+            if "rank" in group and "host_step" not in state:
+                state["host_step"] = state["step"].detach().to("cpu", torch.int64).clone()
+            if p.device not in self.device_skips:
+                self.device_skips[p.device] = torch.zeros((), dtype=torch.int64, device=p.device)
         # block layouts and sides resolved here, outside the trace (parsing is cached with locks dynamo
         # cannot enter); a change of the group's options is caught by the key
         key = (group.get("block"), group.get("proj_type"), tuple(tuple(p.shape) for p in group["params"]))
@@ -188,7 +199,7 @@ class CapturableMixin:
         if plan is None or plan[0] != key:
             entries = []
             for p in group["params"]:
-                layout = self._block_layout(p.shape, group) if self.uses_blocks else None
+                layout = self.block_layout(p.shape, group) if self.uses_blocks else None
                 if layout is not None and layout.kind == "axis":
                     layout.uniform  # noqa: B018 -- fill the cached property before tracing reads it
                 side = resolve_side(group["proj_type"], p.shape) if "rank" in group else None
@@ -277,11 +288,13 @@ class CapturableMixin:
                 self._host_phase(grads, writes)
             # under CUDA-graph capture the host work is the caller's: host_phase() before each replay
         for group, params in work:
-            if self.capturable_kind == "block":
-                _block_step(self, group, params)
-            else:
-                _adam_step(self, group, params)
+            self.capturable_step(group, params)
         return loss
+
+    def capturable_step(self, group: dict, chosen: list[tuple]) -> None:
+        """The rule's sync-free update of `chosen`, ``(param, block layout or None, projection side or
+        None)`` of one group (state exists, projectors refreshed): see :func:`advance_counters`."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def host_phase(self) -> None:
@@ -305,7 +318,7 @@ class CapturableMixin:
     def _refresh_keys(self, group) -> list[str]:
         keys = ["projector"] + (["projector_right"] if group["proj_type"] == "full" else [])
         if group["moment_policy"] != "keep":
-            keys += self._low_rank_moment_keys(group)
+            keys += self.low_rank_moment_keys(group)
         return keys
 
     def _host_phase_args(self, work):
@@ -346,36 +359,17 @@ class CapturableMixin:
                 had_projector = due > 1
                 side = resolve_side(group["proj_type"], p.shape)
                 new = compute_projector(grad, group["rank"], side, group["proj_method"],
-                                        shadow if had_projector else {}, self._generator(p, t),
-                                        _dtype(group["proj_dtype"], "proj_dtype"))
-                self._install_projector(p, group, shadow, side, t, new, had_projector)
+                                        shadow if had_projector else {}, self.sketch_generator(p, t),
+                                        resolve_dtype(group["proj_dtype"], "proj_dtype"))
+                self.install_projector(p, group, shadow, side, t, new, had_projector)
 
 
-# -- the arithmetic (traced by torch.compile) ----------------------------------------------------
+# -- what every capturable rule shares (traced by torch.compile) ------------------------------------
 
 
-def _bias_corrections(group, steps: list[torch.Tensor]):
-    """``1-β1ᵗ`` and ``1-β2ᵗ`` per parameter as device tensors (None where ``correct_bias=False``).
-
-    Computed as ``-expm1(t·ln β)``: ``1 - β2ᵗ`` formed in fp32 loses ~1e-5 of its value to
-    cancellation at small t (β2 = 0.999), this keeps it to fp32 round-off.
-    """
-    if not group.get("correct_bias", True):
-        return None, None
-    out = []
-    for beta in group["betas"]:
-        scaled = torch._foreach_mul(steps, math.log(beta)) if beta > 0 else None
-        if scaled is None:  # β = 0: 1 - 0ᵗ = 1 for t ≥ 1
-            out.append([torch.ones_like(s) for s in steps])
-            continue
-        torch._foreach_expm1_(scaled)
-        torch._foreach_neg_(scaled)
-        out.append(scaled)
-    return out[0], out[1]
-
-
-def _advance(optimizer, group, states, probes):
-    """Finiteness flags from the probes (None when ``nonfinite="off"``), counters advanced by them."""
+def advance_counters(optimizer, group, states, probes):
+    """Finiteness flags from the probes (None when ``nonfinite="off"``), and the step counters advanced
+    by them; skips are added to the optimizer's device counters. Returns ``(oks, steps)``."""
     steps = [state["step"] for state in states]
     if group.get("nonfinite", "skip") == "off":
         torch._foreach_add_(steps, 1.0)
@@ -386,134 +380,11 @@ def _advance(optimizer, group, states, probes):
     for ok in oks:
         by_device.setdefault(ok.device, []).append(ok)
     for device, flags in by_device.items():
-        optimizer._device_skips[device].add_((~torch.stack(flags)).sum())
+        optimizer.device_skips[device].add_((~torch.stack(flags)).sum())
     return oks, steps
 
 
-def _ema(buf: torch.Tensor, x: torch.Tensor, beta: float, ok, squared: bool = False) -> None:
-    """``buf ← β·buf + (1-β)·x`` (``x²`` when `squared`), leaving `buf` exactly as it was where not `ok`."""
-    if ok is None:
-        buf.mul_(beta)
-    else:
-        buf.mul_(torch.where(ok, beta, 1.0))
-        x = torch.where(ok, x, 0.0)
-    if squared:
-        buf.addcmul_(x, x, value=1.0 - beta)
-    else:
-        buf.add_(x, alpha=1.0 - beta)
-
-
-def _lr(group) -> torch.Tensor | float:
-    return group["lr"]
-
-
-def _apply(p: torch.Tensor, direction, coef: torch.Tensor, keep, multiplier: torch.Tensor | None = None):
-    """``p ← keep·p + coef·direction [· multiplier]``: `coef` a device scalar (zero where skipped), `keep` a
-    float, or a device scalar where skipping or a tensor lr makes the decay data-dependent."""
-    scaled = coef if multiplier is None else multiplier * coef
-    if isinstance(direction, LowRankProduct):
-        fusable = p.dtype in (torch.float32, torch.bfloat16) and (
-            p.dtype == direction.dtype or (p.is_cuda and p.dtype == torch.float32))
-        if fusable:
-            update = direction.scaled(scaled)
-            if isinstance(keep, torch.Tensor):
-                # addmm's beta must be a number: the decay is its own pass over the weight
-                p.mul_(keep)
-                keep = 1.0
-            if _fused_low_rank_update(p, update, keep, 1.0):
-                return
-        # multiplied out (a low-precision product for a wider weight): the coefficient stays out of
-        # the product's rounding, as on the reference path
-        direction = (direction.scaled(multiplier) if multiplier is not None else direction).materialize()
-        scaled = coef
-    if p.dtype != torch.float32 and not isinstance(keep, torch.Tensor) and keep == 1.0:
-        p.copy_(torch.addcmul(p, direction, scaled))  # one fp32 temporary, rounded once into p
-        return
-    target = p if p.dtype == torch.float32 else p.float()
-    if isinstance(keep, torch.Tensor) or keep != 1.0:
-        target.mul_(keep)
-    if scaled is None:
-        target.add_(direction)
-    else:
-        target.addcmul_(direction, scaled)
-    if target is not p:
-        p.copy_(target)
-
-
-def _decay(group, lr, oks_i):
-    """The factor ``1-ηλ`` that decoupled decay keeps (1 where the update is skipped)."""
-    wd = group.get("weight_decay", 0.0)
-    if not wd:
-        return 1.0
-    keep = 1.0 - lr * wd
-    if oks_i is not None:
-        keep = torch.where(oks_i, keep, 1.0)
-    return keep
-
-
-def _block_step(optimizer, group, chosen: list[tuple]) -> None:
-    """Adam-mini / GaLore-mini approach 3 (see :mod:`.multi_tensor` for the arithmetic); `chosen` holds
-    ``(param, block layout, projection side or None)``."""
-    beta1, beta2 = group["betas"]
-    params = [p for p, *_ in chosen]
-    layouts = [layout for _, layout, _ in chosen]
-    states = [optimizer.state[p] for p in params]
-    squares = []
-    for p, layout in zip(params, layouts):
-        g = p.grad
-        norms = layout.block_norms(g)
-        if norms is None:
-            squares.append(layout.block_mean_sq(g if g.dtype == torch.float32 else g.float()))
-        else:
-            squares.append(norms * norms / float(layout.block_numel()))
-    oks, steps = _advance(optimizer, group, states, squares)
-    bc1, bc2 = _bias_corrections(group, steps)
-    lr = _lr(group)
-    scale = group["scale"] if "rank" in group else 1.0
-    for i, (p, layout, side) in enumerate(chosen):
-        ok = None if oks is None else oks[i]
-        state = states[i]
-        v = state["exp_avg_sq"]
-        _ema(v, squares[i], beta2, ok)
-        g = p.grad
-        low = project(g, state, side) if side else (g if g.dtype == torch.float32 else g.float())
-        m = state["exp_avg"]
-        _ema(m, low, beta1, ok)
-        inverse = (v.sqrt() / bc2[i].sqrt()).add_(group["eps"]).reciprocal_()
-        coef = -(lr * scale) / bc1[i]
-        if ok is not None:
-            coef = coef * ok
-        direction = back_factors(m, state, side) if side else m
-        _apply(p, direction, coef, _decay(group, lr, ok), layout.expand(inverse))
-
-
-def _adam_step(optimizer, group, chosen: list[tuple]) -> None:
-    """GaLore-AdamW: elementwise moments in the low-rank space, decay after the update."""
-    beta1, beta2 = group["betas"]
-    params = [p for p, *_ in chosen]
-    sides = [side for *_, side in chosen]
-    states = [optimizer.state[p] for p in params]
-    lows = []
-    for p, state, side in zip(params, states, sides):
-        g = p.grad
-        lows.append(project(g, state, side) if side else (g if g.dtype == torch.float32 else g.float()))
-    oks, steps = _advance(optimizer, group, states, lows)
-    bc1, bc2 = _bias_corrections(group, steps)
-    lr = _lr(group)
-    scale = group["scale"] if "rank" in group else 1.0
-    for i, (p, state, side) in enumerate(zip(params, states, sides)):
-        ok = None if oks is None else oks[i]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        _ema(m, lows[i], beta1, ok)
-        _ema(v, lows[i], beta2, ok, squared=True)
-        normalized = m / v.sqrt().add_(group["eps"])
-        step_size = lr * scale if bc1 is None else lr * scale * bc2[i].sqrt() / bc1[i]
-        keep = _decay(group, lr, ok)
-        # decay after the update: (p - s·U)(1-d) = p(1-d) - s(1-d)·U
-        coef = -step_size * keep if isinstance(keep, torch.Tensor) or keep != 1.0 else -step_size
-        if ok is not None:
-            coef = coef * ok
-        if not isinstance(coef, torch.Tensor):
-            coef = torch.tensor(coef, device=p.device)
-        direction = back_factors(normalized, state, side) if side else normalized
-        _apply(p, direction, coef, keep)
+def low_rank_gradient(p: torch.Tensor, state: dict, side: str | None) -> torch.Tensor:
+    """``R = project(G)`` for a projected weight, the fp32 gradient otherwise."""
+    g = p.grad
+    return project(g, state, side) if side else (g if g.dtype == torch.float32 else g.float())

@@ -1,9 +1,15 @@
-"""GaLore optimizers: Adam, 8-bit Adam and Adafactor on low-rank projected gradients.
+"""GaLore-AdamW and its 8-bit form: Adam on low-rank projected gradients (GaLore-Adafactor is in
+:mod:`.adafactor`, re-exported here).
 
 Drop-in replacements for galore-torch 1.0's classes (same constructor
 arguments, same param-group keys ``rank``, ``update_proj_gap``, ``scale``,
 ``proj_type``), with tensor-only state. Groups without ``rank`` get the plain
-optimizer (AdamW / Adafactor) on the full gradient.
+optimizer (AdamW) on the full gradient.
+
+The rule is written once, :func:`adam_moments` and :func:`adam_step_size`, and run by every path:
+:func:`adam_update` (the single-tensor reference, 8-bit moments, and the sharded step of
+:mod:`.distributed`), :func:`adam_multi_tensor` (lists, foreach kernels) and :func:`adam_capturable`
+(device coefficients, no host read).
 
 Algorithm (GaLore-AdamW, per projected weight W with gradient G, step t):
 the projector is recomputed from G when ``(t-1) mod T == 0``;
@@ -30,17 +36,84 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from galore_mini.errors import UsageError
 from galore_mini.optim import multi_tensor
-from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
+from galore_mini.optim.adafactor import GaLoreAdafactor
+from galore_mini.optim.capturable import CapturableMixin, advance_counters, low_rank_gradient
+from galore_mini.optim.core import ParamStep, WorkItem
+from galore_mini.optim.distributed import ShardedOptimizer
+from galore_mini.optim.primitives import Tensors, Update, adam_normalized, bias_corrections, ema_, ema_sq_, sqrt
+from galore_mini.optim.projection import back_factors
 
 
-class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
+# -- the rule ---------------------------------------------------------------------------------------
+
+
+def adam_moments(m: Tensors, v: Tensors, low: Tensors, beta1: float, beta2: float, eps: float,
+                 ok: torch.Tensor | None = None) -> Tensors:
+    """GaLore-AdamW's rule in the low-rank space: ``M ← β1 M + (1-β1) R``; ``V ← β2 V + (1-β2) R²``;
+    returns ``N = M / (√V + ε)``. One tensor, lists (foreach) or a device flag `ok`."""
+    ema_(m, low, beta1, ok)
+    ema_sq_(v, low, beta2, ok)
+    return adam_normalized(m, v, eps)
+
+
+def adam_step_size(lr, bc1, bc2, scale: float):
+    """``η·√(1-β2ᵗ)/(1-β1ᵗ)·α`` (host floats, or device scalars on the capturable path)."""
+    return lr * sqrt(bc2) / bc1 * scale
+
+
+def adam_update(ps: ParamStep) -> Update:
+    """The single-tensor execution (reference path and sharded step); moments may be 8-bit."""
+    beta1, beta2 = ps.group["betas"]
+    low = ps.project(ps.grad)
+    m = ps.read("exp_avg", low.shape, signed=True)
+    v = ps.read("exp_avg_sq", low.shape, signed=False)
+    normalized = adam_moments(m, v, low, beta1, beta2, ps.group["eps"])
+    ps.write("exp_avg", m, signed=True)
+    ps.write("exp_avg_sq", v, signed=False)
+    bc1, bc2 = ps.bias_corrections(beta1, beta2)
+    return Update(ps.back(normalized), adam_step_size(ps.group["lr"], bc1, bc2, ps.scale))
+
+
+def adam_multi_tensor(optimizer, items: list[WorkItem], steps: list[int]) -> None:
+    """The multi-tensor execution: every parameter in `items` (fp32 moments) at its step in `steps`."""
+    for entries in multi_tensor.by_group(items, steps):
+        group = entries[0].group
+        beta1, beta2 = group["betas"]
+        states, sides, low = multi_tensor.start(optimizer, entries)
+        normalized = adam_moments([state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
+                                  low, beta1, beta2, group["eps"])
+        del low
+        scale = group["scale"] if "rank" in group else 1.0
+        for e, state, side, n in zip(entries, states, sides, normalized):
+            bc1, bc2 = bias_corrections(group, beta1, beta2, e.step)
+            direction = back_factors(n, state, side) if side else n
+            optimizer.apply_update(e.param, group, Update(direction, adam_step_size(group["lr"], bc1, bc2, scale)))
+
+
+def adam_capturable(optimizer, group: dict, chosen: list[tuple]) -> None:
+    """The capturable execution (no host read): `chosen` holds ``(param, layout, side or None)``; the
+    probe is ``R``, whose entries are non-finite whenever ``G``'s are."""
+    beta1, beta2 = group["betas"]
+    states = [optimizer.state[p] for p, *_ in chosen]
+    lows = [low_rank_gradient(p, state, side) for (p, _, side), state in zip(chosen, states)]
+    oks, steps = advance_counters(optimizer, group, states, lows)
+    scale = group["scale"] if "rank" in group else 1.0
+    for i, ((p, _, side), state) in enumerate(zip(chosen, states)):
+        ok = None if oks is None else oks[i]
+        normalized = adam_moments(state["exp_avg"], state["exp_avg_sq"], lows[i], beta1, beta2, group["eps"], ok)
+        bc1, bc2 = bias_corrections(group, beta1, beta2, steps[i])
+        direction = back_factors(normalized, state, side) if side else normalized
+        optimizer.apply_update(p, group, Update(direction, adam_step_size(group["lr"], bc1, bc2, scale)), ok=ok)
+
+
+# -- the optimizers ---------------------------------------------------------------------------------
+
+
+class GaLoreAdamW(CapturableMixin, ShardedOptimizer):
     """AdamW on GaLore-projected gradients (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps`` (added to √V before bias correction),
@@ -56,7 +129,6 @@ class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
 
     decay_after_update = True
     moment_bits = 32
-    capturable_kind = "adam"
     _extra_defaults: dict = {}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
@@ -77,23 +149,20 @@ class GaLoreAdamW(CapturableMixin, ComposedOptimizer):
         layout.update(self._moment("exp_avg_sq", work_shape, group, self.moment_bits))
         return layout
 
-    def _low_rank_moment_keys(self, group):
+    def low_rank_moment_keys(self, group):
         return ["exp_avg", "exp_avg_sq"]
+
+    def compute_update(self, ps: ParamStep) -> Update:
+        return adam_update(ps)
 
     def _multi_tensor_layout(self, p, group):
         return multi_tensor.elementwise_if_eligible(p, group) if self.moment_bits == 32 else None
 
     def _multi_tensor_step(self, items, steps):
-        multi_tensor.adam_step(self, items, steps)
+        adam_multi_tensor(self, items, steps)
 
-    def _update(self, ps: ParamStep):
-        beta1, beta2 = ps.group["betas"]
-        low = ps.project(ps.grad)
-        m = ps.ema("exp_avg", low, beta1)
-        v = ps.ema_sq("exp_avg_sq", low, beta2)
-        normalized = m / v.sqrt().add_(ps.group["eps"])
-        bc1, bc2 = ps.bias_corrections(beta1, beta2)
-        return Update(ps.back(normalized), ps.group["lr"] * math.sqrt(bc2) / bc1 * ps.scale)
+    def capturable_step(self, group, chosen):
+        adam_capturable(self, group, chosen)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -112,143 +181,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._extra_defaults = {"min_8bit_size": min_8bit_size}
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, nonfinite=nonfinite,
                          **projection_defaults)
-
-
-class GaLoreAdafactor(ComposedOptimizer):
-    """Adafactor on GaLore-projected gradients; arguments as Hugging Face's / galore-torch's Adafactor.
-
-    Per step: ``R = project(G)``; factored second moment of ``R² + ε₁`` (row and
-    column EMAs with ``β2ₜ = 1 - t^decay_rate``; unfactored for 1-D);
-    ``U = R / √V̂`` clipped to RMS ``clip_threshold``, times the step size
-    (``lr``, or the relative step ``min(1e-2, 1/√t)`` scaled by ``max(ε₂, RMS(W))``);
-    optional first moment on that scaled update (``beta1``); weight decay
-    ``W ← W - λ·lr_t·W``; ``W ← W - back(U)``.
-
-    On FSDP2 (DTensor) parameters each rank holds rows of W: where the work tensor's rows are W's
-    rows (right projection, unprojected weights, 1-D parameters) the row EMA is local and sharded, the
-    column EMA replicated, and one all-reduce per step (shared with every other parameter) carries the
-    column sums of ``R² + ε₁``, the row EMA's sum, the update's column sums of squares (``_shard_sums``)
-    and ``‖W‖²``; for left projections R is reduced already and only ``‖W‖²`` crosses ranks. Parameters
-    of more than 2 dimensions are refused there.
-    """
-
-    #: state reduced over W's rows: replicated on FSDP2 (see galore_mini.optim.distributed.sharded_keys)
-    replicated_state = ("exp_avg_sq_col",)
-
-    def __init__(self, params, lr=None, eps=(1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8, beta1=None, weight_decay: float = 0.0,
-                 scale_parameter: bool = True, relative_step: bool = True, warmup_init: bool = False,
-                 *, nonfinite: str = "skip", state_dtype=None, **projection_defaults):
-        if lr is not None and relative_step:
-            raise UsageError("lr and relative_step=True cannot be combined: pass relative_step=False with an lr")
-        if warmup_init and not relative_step:
-            raise UsageError("warmup_init=True requires relative_step=True")
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-                        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
-                        relative_step=relative_step, warmup_init=warmup_init, nonfinite=nonfinite,
-                        state_dtype=state_dtype)
-        super().__init__(params, defaults, projection_defaults)
-
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        from galore_mini.optim.distributed import is_dtensor
-
-        for p in group["params"]:
-            if is_dtensor(p) and p.dim() > 2:
-                raise UsageError(f"GaLoreAdafactor: a DTensor (FSDP2-sharded) parameter of shape {list(p.shape)} has "
-                                 "more than 2 dimensions, whose factored second moment is not implemented on shards; "
-                                 "train it in a group of another optimizer or reshape it to 2-D")
-
-    def _state_layout(self, shape, work_shape, group):
-        layout = {}
-        if group["beta1"] is not None:
-            layout.update(self._moment("exp_avg", work_shape, group))
-        if len(work_shape) >= 2:
-            layout.update(self._moment("exp_avg_sq_row", tuple(work_shape[:-1]), group))
-            layout.update(self._moment("exp_avg_sq_col", tuple(work_shape[:-2]) + tuple(work_shape[-1:]), group))
-        else:
-            layout.update(self._moment("exp_avg_sq", tuple(work_shape), group))
-        return layout
-
-    def _low_rank_moment_keys(self, group):
-        return ["exp_avg"] if group["beta1"] is not None else []
-
-    def _step_size(self, group, t: int, param: torch.Tensor, param_sq: torch.Tensor | None = None,
-                   numel: int | None = None) -> float:
-        """`param_sq`: ‖W‖² summed across ranks (sharded W of `numel` entries in all)."""
-        step = group["lr"]
-        if group["relative_step"]:
-            floor = 1e-6 * t if group["warmup_init"] else 1e-2
-            step = min(floor, 1.0 / math.sqrt(t))
-        if group["scale_parameter"]:
-            if param_sq is None:
-                rms = float(param.float().norm(2) / math.sqrt(param.numel()))
-            else:
-                rms = math.sqrt(float(param_sq) / numel)
-            step *= max(group["eps"][1], rms)
-        return step
-
-    def _decay_rate(self, group):
-        # Adafactor decays by its own step size, which `_update` has just computed for this parameter
-        return self._current_step_size * group["weight_decay"]
-
-    def _shard_sums(self, ps: ParamStep) -> dict[str, torch.Tensor]:
-        """This rank's parts of what ``_update`` sums over all rows (FSDP2): ``param_sq`` = ‖W_i‖² for
-        ``scale_parameter``; where R's rows are W's rows, ``col`` = Σ_i (R²+ε₁)_ij (a cols-vector),
-        ``row`` = Σ_i r_i of the new row EMA and ``update_sq`` = Σ_i R_ij² / r_i, from which
-        ``‖U‖² = r̄ Σ_j update_sq_j / c_j`` (so the clipping RMS needs no second all-reduce); 1-D:
-        ``update_sq`` = Σ_i R_i² / v_i. The EMAs are formed on copies: state changes in ``_update`` only."""
-        group = ps.group
-        sums = {}
-        if group["scale_parameter"]:
-            sums["param_sq"] = torch.linalg.vector_norm(ps.param, dtype=torch.float32).square()
-        if ps.side in ("left", "full"):
-            return sums  # R is reduced by the step itself: row, column and RMS are whole on every rank
-        low = ps.project(ps.grad)
-        beta2t = 1.0 - math.pow(ps.t, group["decay_rate"])
-        squared = low * low + group["eps"][0]
-        if low.dim() == 2:
-            row = ps._read("exp_avg_sq_row", squared.shape[:-1], signed=False).clone()
-            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-            sums["col"] = squared.sum(dim=-2)
-            sums["row"] = row.sum()
-            sums["update_sq"] = (low * low / row.unsqueeze(-1)).sum(dim=-2)
-        else:
-            v = ps._read("exp_avg_sq", squared.shape, signed=False).clone()
-            v.mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-            sums["update_sq"] = (low * low / v).sum()
-        return sums
-
-    def _update(self, ps: ParamStep):
-        group = ps.group
-        low = ps.project(ps.grad)
-        across = ps.across  # None in one process; a sharded step's sums over all rows (see _shard_sums)
-        step_size = self._step_size(group, ps.t, ps.param, None if across is None else across.get("param_sq"),
-                                    math.prod(ps.shape))
-        self._current_step_size = step_size
-        beta2t = 1.0 - math.pow(ps.t, group["decay_rate"])
-        squared = low * low + group["eps"][0]
-        split = across is not None and "update_sq" in across  # R's rows are split over the ranks
-        if low.dim() >= 2:
-            row = ps.ema("exp_avg_sq_row", squared.mean(dim=-1), beta2t)
-            rows = ps.shape[0]
-            col = ps.ema("exp_avg_sq_col", across["col"] / rows if split else squared.mean(dim=-2), beta2t)
-            row_mean = across["row"] / rows if split else row.mean(dim=-1, keepdim=True)
-            row_factor = (row / row_mean).rsqrt().unsqueeze(-1)
-            update = row_factor * col.unsqueeze(-2).rsqrt() * low
-            update_sq = row_mean * (across["update_sq"] / col).sum() if split else None
-        else:
-            update = ps.ema("exp_avg_sq", squared, beta2t).rsqrt() * low
-            update_sq = across["update_sq"] if split else None
-        if split:
-            rms = (update_sq / (ps.shape[0] * math.prod(low.shape[1:]))).sqrt()
-        else:
-            rms = update.norm(2) / math.sqrt(update.numel())
-        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-        update.mul_(step_size)
-        if group["beta1"] is not None:
-            update = ps.ema("exp_avg", update, group["beta1"])
-        return Update(ps.back(update), ps.scale)
 
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]

@@ -42,11 +42,11 @@ Example::
 from __future__ import annotations
 
 from galore_mini.errors import UsageError
-from galore_mini.optim import multi_tensor
+from galore_mini.optim.adam_mini import BlockAdam, block_step_size
 from galore_mini.optim.blocks import BlockLayout
-from galore_mini.optim.capturable import CapturableMixin
-from galore_mini.optim.core import ComposedOptimizer, ParamStep, Update
+from galore_mini.optim.core import ParamStep
 from galore_mini.optim.distributed import ShardLayout
+from galore_mini.optim.primitives import Update
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
 APPROACHES = (1, 2, 3)
@@ -66,7 +66,7 @@ def low_rank_blocks(layout: BlockLayout, side: str, low_shape: tuple[int, int]) 
     return BlockLayout("axis", low_shape, layout.axis, ((low_shape[layout.axis], 1),))
 
 
-class GaLoreMini(CapturableMixin, ComposedOptimizer):
+class GaLoreMini(BlockAdam):
     """GaLore-mini (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
@@ -80,8 +80,6 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
     reference, and ``proj_dtype="bf16"`` for faster projections where the
     hardware has bf16 matrix units; timings in BENCHMARKS.md, "Subspace refresh"). Group keys: ``rank`` (+ projection options), ``block``.
     """
-
-    uses_blocks = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
@@ -97,8 +95,8 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
         projection_defaults.setdefault("proj_method", "power")
         super().__init__(params, defaults, projection_defaults)
 
-    def _validate_group(self, group):
-        super()._validate_group(group)
+    def validate_group(self, group):
+        super().validate_group(group)
         if group["approach"] not in APPROACHES:
             raise UsageError(f"approach={group['approach']!r}: use 3 (the paper's GaLore-mini), or 1 or 2 (ablations)")
         if group["moment_bits"] not in (8, 32):
@@ -107,14 +105,8 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
             raise UsageError("block='elementwise' would store a full-size second moment for projected weights; "
                              "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
 
-    def _multi_tensor_layout(self, p, group):
-        return multi_tensor.block_layout_if_eligible(self, p, group)
-
-    def _multi_tensor_step(self, items, steps):
-        multi_tensor.block_adam_step(self, items, steps)
-
-    def _v_layout(self, shape, group) -> BlockLayout:
-        layout = self._block_layout(shape, group)
+    def v_layout(self, shape, group) -> BlockLayout:
+        layout = self.block_layout(shape, group)
         if "rank" in group and group["approach"] == 1:
             side = resolve_side(group["proj_type"], shape)
             return low_rank_blocks(layout, side, low_rank_shape(shape, group["rank"], side))
@@ -122,12 +114,12 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
 
     def _state_layout(self, shape, work_shape, group):
         layout = self._moment("exp_avg", work_shape, group, group["moment_bits"])
-        blocks = self._v_layout(shape, group)
+        blocks = self.v_layout(shape, group)
         v_shape = tuple(shape) if blocks.kind == "elementwise" else (blocks.n_blocks,)
         layout.update(self._moment("exp_avg_sq", v_shape, group))
         return layout
 
-    def _shard_sums(self, ps: ParamStep) -> dict:
+    def partial_row_sums(self, ps: ParamStep) -> dict:
         """This rank's parts of what the ablations sum over all of W's rows (FSDP2; approach 3 needs
         nothing beyond the step's own block sums). Approach 1 on a right projection: the block sums of
         squares of R's local rows, for blocks other than one per row (those are local). Approach 2 where
@@ -136,56 +128,54 @@ class GaLoreMini(CapturableMixin, ComposedOptimizer):
         group = ps.group
         approach = group["approach"] if ps.projected else 3
         if approach == 1 and ps.side == "right":
-            layout = ShardLayout(self._v_layout(ps.shape, group), ps.spec)
+            layout = ShardLayout(self.v_layout(ps.shape, group), ps.spec)
             return {"low_rank_blocks": layout.partial_sums(ps.project(ps.grad))} if layout.needs_reduction else {}
         if approach == 2 and self._collapses(ps.layout, ps.side) and ps.layout.kind != "elementwise" \
                 and ps.layout.local_v:
             beta1, beta2 = group["betas"]
-            v = ps._read("exp_avg_sq", (ps.layout.n_blocks,), signed=False).clone()
+            v = ps.read("exp_avg_sq", (ps.layout.n_blocks,), signed=False).clone()
             v.mul_(beta2).add_(ps.layout.block_mean_sq(ps.grad), alpha=1.0 - beta2)
             return {"sqrt_v": (v.sqrt() / ps.bias_corrections(beta1, beta2)[1] ** 0.5).sum()}
         return {}
 
     def _low_rank_blocks(self, ps: ParamStep, low):
         """Approach 1's blocks on R; on a sharded right projection, with block means over all of R's rows."""
-        blocks = self._v_layout(ps.shape, ps.group)
-        if ps.across is None or ps.side != "right":
+        blocks = self.v_layout(ps.shape, ps.group)
+        if ps.row_totals is None or ps.side != "right":
             return blocks
         layout = ShardLayout(blocks, ps.spec)
-        sums = ps.across.get("low_rank_blocks")
+        sums = ps.row_totals.get("low_rank_blocks")
         layout.set_sums(sums if sums is not None else layout.partial_sums(low))
         return layout
 
     @staticmethod
     def _collapses(layout, side) -> bool:
         """Approach 2: whether the blocks do not survive the projection (their √v̂ collapse to a mean)."""
-        base = getattr(layout, "base", layout)  # a sharded step's ShardLayout wraps the weight's BlockLayout
-        return not (base.kind == "axis" and base.axis == _surviving_axis(side))
+        return not (layout.kind == "axis" and layout.axis == _surviving_axis(side))
 
-    def _update(self, ps: ParamStep):
+    def compute_update(self, ps: ParamStep) -> Update:
         group = ps.group
+        approach = group["approach"] if ps.projected else 3
+        if approach == 3:  # the paper's GaLore-mini: Adam-mini's block rule around a projected first moment
+            return super().compute_update(ps)
         beta1, beta2 = group["betas"]
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
-        approach = group["approach"] if ps.projected else 3
         if approach == 1:
             low = ps.project(ps.grad)
             blocks = self._low_rank_blocks(ps, low)
             v = ps.block_ema_sq("exp_avg_sq", low, beta2, blocks)
             m = ps.ema("exp_avg", low, beta1)
             denom = blocks.expand((v.sqrt() / bc2 ** 0.5).add_(group["eps"]))
-            return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
+            return Update(ps.back(m / denom), block_step_size(group["lr"], bc1, ps.scale))
+        # approach 2: v from G as approach 3, the division in the low-rank space
         v = ps.block_ema_sq("exp_avg_sq", ps.grad, beta2, ps.layout)
         m = ps.ema("exp_avg", ps.project(ps.grad), beta1)
         v_hat_sqrt = v.sqrt() / bc2 ** 0.5
-        if approach == 3:
-            inverse_denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]).reciprocal_())
-            return Update(ps.back(m), group["lr"] / bc1 * ps.scale, inverse_denom)
-        # approach 2: divide in the low-rank space
         if not self._collapses(ps.layout, ps.side):
             # the surviving axis is the same in W and in M (rows of a right projection, columns of a left one)
             denom = ps.layout.expand(v_hat_sqrt.add_(group["eps"]))
-        elif ps.across is not None and "sqrt_v" in ps.across:  # v per row of W, rows split over ranks
-            denom = (ps.across["sqrt_v"] / ps.shape[0]).add_(group["eps"])
+        elif ps.row_totals is not None and "sqrt_v" in ps.row_totals:  # v per row of W, rows split over ranks
+            denom = (ps.row_totals["sqrt_v"] / ps.shape[0]).add_(group["eps"])
         else:
             denom = v_hat_sqrt.mean().add_(group["eps"])
-        return Update(ps.back(m / denom), group["lr"] / bc1 * ps.scale)
+        return Update(ps.back(m / denom), block_step_size(group["lr"], bc1, ps.scale))

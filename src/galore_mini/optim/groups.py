@@ -90,7 +90,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from galore_mini.methods import registry
 from galore_mini.errors import UsageError
 from galore_mini.optim.blocks import parse_block
-from galore_mini.optim.core import PROJECTION_DEFAULTS
+from galore_mini.optim.core import PROJECTION_DEFAULTS, ComposedOptimizer
 from galore_mini.optim.projection import resolve_side
 
 log = logging.getLogger("galore_mini")
@@ -721,8 +721,6 @@ def _optimizer_class(spec) -> type:
 
 def _constructor_options(cls: type) -> set[str]:
     """Keyword options `cls` takes, following ``**kwargs`` up to the optimizer base classes."""
-    from galore_mini.optim.core import ComposedOptimizer
-
     accepted: set[str] = set()
     for klass in cls.__mro__:
         if klass in (ComposedOptimizer, torch.optim.Optimizer, object) or "__init__" not in vars(klass):
@@ -760,12 +758,14 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     projection = {k: options.pop(k) for k in list(options) if k in PROJECTION_DEFAULTS}
     unknown = [k for k in options if k not in accepted]
     if unknown:
+        # this function's own keywords (rank, update_proj_gap, …) are options too, for hints and the list
+        known = accepted | _OWN_OPTIONS
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(accepted | set(PROJECTION_DEFAULTS)), n=1)
+            close = difflib.get_close_matches(key, sorted(known | set(PROJECTION_DEFAULTS)), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise UsageError(f"create_optimizer: unknown option(s) {', '.join(hints)} for method={method!r} "
-                         f"({cls.__name__}); its options are {', '.join(sorted(accepted))}"
+                         f"({cls.__name__}); its options are {', '.join(sorted(known))}"
                          + (f"; projection options are {', '.join(PROJECTION_DEFAULTS)}" if spec.projected else ""))
     groups = param_groups(model, method, rank=rank if spec.projected else None,
                           target_modules=target_modules, overrides=overrides)
@@ -783,3 +783,8 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     optimizer = cls(groups, **kwargs)
     log.info("%s", groups.summary())
     return optimizer
+
+
+# create_optimizer's keyword options (not the model, the method or the ones it forwards)
+_OWN_OPTIONS = frozenset(name for name, parameter in inspect.signature(create_optimizer).parameters.items()
+                         if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and name not in ("model", "method"))

@@ -109,14 +109,11 @@ import torch
 from torch import nn
 
 from galore_mini.errors import UsageError
+from galore_mini.optim.distributed import is_dtensor
 
 __all__ = ["LayerwiseUpdates", "layerwise"]
 
 
-def _is_dtensor(t) -> bool:
-    from galore_mini.optim.distributed import is_dtensor
-
-    return is_dtensor(t)
 
 _CLIP_EPS = 1e-6
 # Gradient bytes stepped together: each bucket is one host sync and one multi-tensor batch, and its
@@ -236,7 +233,7 @@ class LayerwiseUpdates:
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self._guard = optimizer.register_step_pre_hook(self._guard_step)
         self._forward_hook = None
-        if isinstance(model_or_params, nn.Module) and any(_is_dtensor(p) for p in params):
+        if isinstance(model_or_params, nn.Module) and any(is_dtensor(p) for p in params):
             # FSDP2 calls no hook in a backward without gradient sync: clear `stepped` when the next
             # micro-batch starts instead
             self._forward_hook = model_or_params.register_forward_pre_hook(self._on_forward)
@@ -270,8 +267,6 @@ class LayerwiseUpdates:
     @staticmethod
     def _check_parallelism(model_or_params, params, accumulation_steps: int, independent_ranks: bool) -> None:
         from torch.nn.parallel import DistributedDataParallel
-
-        from galore_mini.optim.distributed import is_dtensor
 
         if isinstance(model_or_params, DistributedDataParallel):
             raise UsageError(
@@ -368,8 +363,6 @@ class LayerwiseUpdates:
 
     @torch.no_grad()
     def _clip(self, grad: torch.Tensor) -> None:
-        from galore_mini.optim.distributed import is_dtensor
-
         sq = torch.linalg.vector_norm(grad, dtype=torch.float32)
         if is_dtensor(sq):  # a sharded gradient's norm, reduced across its ranks
             sq = sq.full_tensor()

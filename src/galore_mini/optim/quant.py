@@ -36,7 +36,7 @@ UNSIGNED_ZERO_CODE = 0
 _cache: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _codebook(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def codebook(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (signed, device)
     if key not in _cache:
         book = (SIGNED_CODEBOOK if signed else UNSIGNED_CODEBOOK).to(device)
@@ -62,7 +62,7 @@ def quantize(x: torch.Tensor, signed: bool, out: tuple[torch.Tensor, torch.Tenso
     absmax = padded.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normalized = (padded / safe[:, None]).reshape(-1)[:numel]
-    book, bounds = _codebook(signed, flat.device)
+    book, bounds = codebook(signed, flat.device)
     codes = torch.bucketize(normalized, bounds).to(torch.uint8)
     if out is None:
         return codes, absmax
@@ -73,7 +73,7 @@ def quantize(x: torch.Tensor, signed: bool, out: tuple[torch.Tensor, torch.Tenso
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """The fp32 values (flat) that `codes` and `absmax` stand for."""
-    book, _ = _codebook(signed, codes.device)
+    book, _ = codebook(signed, codes.device)
     numel = codes.numel()
     values = book[codes.long()]
     padded = torch.nn.functional.pad(values, (0, absmax.numel() * BLOCK - numel)).view(-1, BLOCK)
