@@ -68,6 +68,16 @@ VARIANTS: dict[str, dict] = {
     "galore_mini_io_adam": dict(method="galore_mini", create=dict(overrides={r"embed_tokens|lm_head":
                                                                            {"block": "elementwise"}}),
                                 what="approach 3, embedding/output with elementwise v (as GaLore gives them)"),
+    # GaLore-mini's last 5%: element-wise v on the embedding/output layers (a), the row second moment
+    # from the back-projected gradient P Pᵀ G (b), both (c)
+    "galore_mini_vproj": dict(method="galore_mini", create=dict(v_source="projected"),
+                              what="approach 3, v fed from the back-projected gradient P Pᵀ G"),
+    "galore_mini_io_vproj": dict(method="galore_mini", create=dict(v_source="projected", overrides={
+        r"embed_tokens|lm_head": {"block": "elementwise"}}),
+        what="approach 3, v from P Pᵀ G, embedding/output with elementwise v"),
+    "galore_mini_io_s0.1": dict(method="galore_mini", create=dict(scale=0.1, overrides={
+        r"embed_tokens|lm_head": {"block": "elementwise"}}),
+        what="approach 3, scale 0.1, embedding/output with elementwise v"),
     "galore_mini_T50": dict(method="galore_mini", create=dict(update_proj_gap=50), what="approach 3, T=50"),
     "galore_mini_s0.1": dict(method="galore_mini", create=dict(scale=0.1), what="approach 3, scale 0.1"),
     "galore_mini_s1": dict(method="galore_mini", create=dict(scale=1.0), what="approach 3, scale 1"),
@@ -179,7 +189,7 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
     build_model, model_config = _model_tools()
     data = load_data(size["vocab"], args.seq_len, args.val_tokens, args.data, args.cache_dir)
     config = model_config(size["path"], vocab_size=data.vocab_size)
-    model = build_model(config, seed=seed)
+    model = build_model(config, seed=seed).to(args.device)
     torch.manual_seed(seed)
     optimizer = build_optimizer(model, variant, lr, size["rank"])
     warmup = max(1, round(0.1 * args.steps))
@@ -195,7 +205,7 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
     started = time.perf_counter()
     losses, diverged = [], False
     for step in range(args.steps):
-        ids = stream.next()
+        ids = stream.next().to(args.device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -217,14 +227,14 @@ def train_one(size: dict, variant: str, lr: float, seed: int, args) -> dict:
             diverged = True
             break
     seconds = time.perf_counter() - started
-    loss_val = float("inf") if diverged else val_loss(model, data.val, args.batch_size)
+    loss_val = float("inf") if diverged else val_loss(model, data.val.to(args.device), args.batch_size)
     return dict(size=size["name"], model=size["path"], hidden=size["hidden"], rank=size["rank"], variant=variant,
                 method=VARIANTS[variant]["method"], lr=lr, seed=seed, steps=args.steps, batch_size=args.batch_size,
                 seq_len=args.seq_len, data=args.data, val_tokens=int(data.val[:, 1:].numel()), val_loss=loss_val,
                 val_ppl=math.exp(loss_val) if math.isfinite(loss_val) and loss_val < 700 else float("inf"),
                 train_loss_last20=statistics.fmean(losses[-20:]), diverged=diverged,
                 optimizer_bytes=state_bytes(optimizer), train_seconds=round(seconds, 1), update_rms=probes,
-                when=C.machine()["date"])
+                device=str(args.device), when=C.machine()["date"])
 
 
 def measure_state(size: dict, variant: str) -> int:
@@ -476,6 +486,7 @@ def parse(argv=None):
     parser.add_argument("--val-tokens", type=int, default=32768)
     parser.add_argument("--probes", type=int, default=6, help="steps at which update sizes are measured")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--plot", help="report: write the lr-sweep plot here")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer h32 model, 3 steps (checks the plumbing)")

@@ -127,3 +127,32 @@ def test_fsdp_world1_smoke_runs_on_cpu(tmp_path):
     for method, row in report["results"].items():
         _positive({**row, "label": method}, "plain training step", "sharded training step", "plain step",
                   "sharded step", "training step ratio", "step ratio")
+
+
+def test_scale_check_and_quality_parallel_smoke_on_cpu(tmp_path):
+    """The GPU scale check's harness runs (every run, the variants' options included) and the parallel
+    study runner merges its runs into one file; on `tiny` and the study's 2-layer smoke model."""
+    import os
+    import subprocess
+
+    pytest.importorskip("transformers")
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src"), "OMP_NUM_THREADS": "1"}
+    scale = tmp_path / "scale.json"
+    subprocess.run([sys.executable, str(BENCH / "scale_check.py"), "--model", "tiny", "--steps", "2", "--batch-size",
+                    "2", "--seq-len", "16", "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "runs"),
+                    "--json", str(scale)], check=True, env=env, capture_output=True, timeout=600)
+    rows = {row["run"]: row for row in json.loads(scale.read_text())["results"]}
+    assert set(rows) == {"full", "galore", "galore_mini", "galore_mini_vproj", "galore_mini_io"}
+    for row in rows.values():
+        assert "error" not in row, row
+        _positive({**row, "label": row["run"]}, "val_ppl", "optimizer_bytes")
+    # element-wise v on the embedding and output layers is more state; v's source is not
+    assert rows["galore_mini_io"]["optimizer_bytes"] > rows["galore_mini"]["optimizer_bytes"]
+    assert rows["galore_mini_vproj"]["optimizer_bytes"] == rows["galore_mini"]["optimizer_bytes"]
+    merged = tmp_path / "parallel.json"
+    subprocess.run([sys.executable, str(BENCH / "quality_parallel.py"), "--jobs", "2", "--json", str(merged),
+                    "--runs", "galore_mini:1e-2:0", "galore_mini_vproj:1e-2:0", "--", "--smoke"],
+                   check=True, env=env, capture_output=True, timeout=600)
+    runs = json.loads(merged.read_text())["runs"]
+    assert sorted(r["variant"] for r in runs) == ["galore_mini", "galore_mini_vproj"]
+    assert all(math.isfinite(r["val_ppl"]) for r in runs)

@@ -58,14 +58,17 @@ def block_step_size(lr, bc1, scale: float):
     return lr / bc1 * scale
 
 
-def block_adam_update(ps: ParamStep) -> Update:
-    """The single-tensor execution (reference path and sharded step): `ps.layout` gives the blocks."""
+def block_adam_update(ps: ParamStep, v_from_back_projection: bool = False) -> Update:
+    """The single-tensor execution (reference path and sharded step): `ps.layout` gives the blocks.
+    `v_from_back_projection`: feed ``v`` from ``back(R)`` (the gradient's part in the subspace, formed
+    as a temporary) instead of the whole gradient (GaLore-mini's ``v_source="projected"``)."""
     beta1, beta2 = ps.group["betas"]
     bc1, bc2 = ps.bias_corrections(beta1, beta2)
     low = ps.project(ps.grad)
+    fed = ps.back(low).materialize() if v_from_back_projection else ps.grad
     m = ps.read("exp_avg", low.shape, signed=True)
     v = ps.read("exp_avg_sq", (ps.layout.n_blocks,), signed=False)
-    inverse = block_moments(m, v, low, ps.layout.block_mean_sq(ps.grad), beta1, beta2, ps.group["eps"], bc2)
+    inverse = block_moments(m, v, low, ps.layout.block_mean_sq(fed), beta1, beta2, ps.group["eps"], bc2)
     ps.write("exp_avg_sq", v, signed=False)
     ps.write("exp_avg", m, signed=True)
     return Update(ps.back(m), block_step_size(ps.group["lr"], bc1, ps.scale), ps.layout.expand(inverse))

@@ -203,6 +203,8 @@ class ComposedOptimizer(torch.optim.Optimizer):
     decay_after_update = False
     #: whether a group may carry `block`
     uses_blocks = False
+    #: options added after checkpoints were written, with what a checkpoint without them means
+    added_options: dict[str, Any] = {}
 
     def __init__(self, params, defaults: dict[str, Any], projection_defaults: dict[str, Any] | None = None):
         check_number("lr", defaults.get("lr"), allow_none=True)
@@ -541,6 +543,9 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise UsageError("not an optimizer checkpoint: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
+        if isinstance(saved_groups, list) and self.added_options:  # checkpoints older than an option mean its default
+            saved_groups = [{**self.added_options, **g} if isinstance(g, dict) else g for g in saved_groups]
+            state_dict = {**state_dict, "param_groups": saved_groups}
         self._check_structure(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         # each parameter with the group it will have once loaded: torch adopts the saved options

@@ -24,6 +24,13 @@ back-projection. Blocks along a surviving axis apply directly (and then the
 result equals approach 3 exactly: a per-row scaling commutes with the right
 projection); blocks along the projected axis collapse to the mean of their ``√v̂``.
 
+**v_source="projected"** (a variant of approach 3): step 1 is fed from the gradient's part in the
+subspace, ``back(R) = P Pᵀ G`` (left; ``G Q Qᵀ`` right), instead of ``G``, so that the normaliser
+sees the energy the update carries rather than the energy the projector discards. It forms
+``back(R)`` as a temporary (one m×n GEMM per step) and runs on the single-tensor path only (no
+multi-tensor, capturable or FSDP2 step). Measured at h128 over 2,000 steps it trains worse than the
+paper's ``"gradient"`` (RESULTS.md, "GaLore-mini variants"); it is there to reproduce that.
+
 Parameters in groups without ``rank`` (embeddings, output layer, norms,
 biases) get Adam-mini with their group's ``block``. State per projected weight:
 projector (m×r or r×n), ``M`` (low-rank), ``v`` (one scalar per block) — no
@@ -42,7 +49,7 @@ Example::
 from __future__ import annotations
 
 from galore_mini.errors import UsageError
-from galore_mini.optim.adam_mini import BlockAdam, block_step_size
+from galore_mini.optim.adam_mini import BlockAdam, block_adam_update, block_step_size
 from galore_mini.optim.blocks import BlockLayout
 from galore_mini.optim.core import ParamStep
 from galore_mini.optim.distributed import ShardLayout
@@ -50,6 +57,9 @@ from galore_mini.optim.primitives import Update
 from galore_mini.optim.projection import low_rank_shape, resolve_side
 
 APPROACHES = (1, 2, 3)
+#: what approach 3's block second moment is fed from: the whole gradient G (the paper's), or its part in
+#: the subspace, the back-projection P Pᵀ G (the energy the update carries)
+V_SOURCES = ("gradient", "projected")
 
 
 def _surviving_axis(side: str) -> int | None:
@@ -70,7 +80,8 @@ class GaLoreMini(BlockAdam):
     """GaLore-mini (see module docstring).
 
     Args: ``lr``, ``betas``, ``eps``, ``weight_decay`` (decoupled),
-    ``approach`` (3, or the ablations 1 and 2), ``moment_bits`` (32 or 8 for the
+    ``approach`` (3, or the ablations 1 and 2), ``v_source`` (``"gradient"``, the paper's, or
+    ``"projected"``; see the module docstring), ``moment_bits`` (32 or 8 for the
     first moment), ``nonfinite``, ``state_dtype``, ``foreach`` (``None``/``True``: the multi-tensor
     step of :mod:`galore_mini.optim.multi_tensor` wherever it applies; ``False``: the single-tensor
     reference path), ``capturable`` (the sync-free step of :mod:`galore_mini.optim.capturable`, which
@@ -81,12 +92,15 @@ class GaLoreMini(BlockAdam):
     hardware has bf16 matrix units; timings in BENCHMARKS.md, "Subspace refresh"). Group keys: ``rank`` (+ projection options), ``block``.
     """
 
+    #: a checkpoint written before `v_source` existed means the paper's
+    added_options = {"v_source": "gradient"}
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, approach: int = 3, *, moment_bits: int = 32,
+                 weight_decay: float = 0.0, approach: int = 3, *, v_source: str = "gradient", moment_bits: int = 32,
                  nonfinite: str = "skip", state_dtype=None, min_8bit_size: int = 4096, foreach: bool | None = None,
                  capturable: bool = False, **projection_defaults):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, approach=approach,
-                        moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
+                        v_source=v_source, moment_bits=moment_bits, nonfinite=nonfinite, state_dtype=state_dtype,
                         min_8bit_size=min_8bit_size, foreach=foreach, capturable=capturable)
         # No peer to match bit for bit, so the fast refresh is the default: a warm-started subspace
         # iteration (randomized range finder at the first refresh) costs a fraction of the exact SVD
@@ -99,11 +113,33 @@ class GaLoreMini(BlockAdam):
         super().validate_group(group)
         if group["approach"] not in APPROACHES:
             raise UsageError(f"approach={group['approach']!r}: use 3 (the paper's GaLore-mini), or 1 or 2 (ablations)")
+        v_source = group["v_source"]
+        if v_source not in V_SOURCES:
+            raise UsageError(f"v_source={v_source!r}: use 'gradient' (the paper's) or 'projected'")
+        if v_source != "gradient" and group["approach"] != 3:
+            raise UsageError(f"v_source={v_source!r} applies to approach 3 only (approach={group['approach']})")
         if group["moment_bits"] not in (8, 32):
             raise UsageError(f"moment_bits={group['moment_bits']!r}: use 32 or 8")
         if "rank" in group and group.get("block") == "elementwise":
             raise UsageError("block='elementwise' would store a full-size second moment for projected weights; "
                              "use 'rows', 'heads:D' or 'tensor' (or GaLoreAdamW for an elementwise v)")
+
+    @staticmethod
+    def _v_from_back_projection(group) -> bool:
+        return "rank" in group and group.get("v_source", "gradient") == "projected"
+
+    def _multi_tensor_layout(self, p, group):
+        # v_source="projected" runs on the single-tensor path: the back-projection feeds v there
+        return None if self._v_from_back_projection(group) else super()._multi_tensor_layout(p, group)
+
+    def _capturable_problem(self, group) -> str | None:
+        if self._v_from_back_projection(group):
+            return "v_source='projected' (only the host path)"
+        return super()._capturable_problem(group)
+
+    def sharding_problem(self, group) -> str | None:
+        """Why `group` has no sharded (FSDP2) step, or None."""
+        return "v_source='projected' has no sharded step" if self._v_from_back_projection(group) else None
 
     def v_layout(self, shape, group) -> BlockLayout:
         layout = self.block_layout(shape, group)
@@ -157,7 +193,7 @@ class GaLoreMini(BlockAdam):
         group = ps.group
         approach = group["approach"] if ps.projected else 3
         if approach == 3:  # the paper's GaLore-mini: Adam-mini's block rule around a projected first moment
-            return super().compute_update(ps)
+            return block_adam_update(ps, v_from_back_projection=ps.projected and self._v_from_back_projection(group))
         beta1, beta2 = group["betas"]
         bc1, bc2 = ps.bias_corrections(beta1, beta2)
         if approach == 1:

@@ -597,7 +597,8 @@ def _method(method: str):
 
 def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None = None, *, target_modules=None,
                  overrides=None, weight_decay: float | None = None, update_proj_gap: int | None = None,
-                 scale: float | None = None, proj_type: str | None = None, **projection_options) -> ParamGroups:
+                 scale: float | None = None, proj_type: str | None = None, embedding_block: str | None = None,
+                 **projection_options) -> ParamGroups:
     """Param groups for `method` (see module docstring); print the result to see each parameter's treatment.
 
     `rank` (default 128) marks the projected groups; `target_modules` selects what is projected
@@ -606,9 +607,15 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
     into the groups only when given, so the optimizer's own keywords apply otherwise; options
     that cannot apply (projection options for a method that does not project) are an error.
     Weights whose smaller side is not above `rank` are left unprojected (logged once); a projected
-    method left with nothing to project is an error that says why.
+    method left with nothing to project is an error that says why. `embedding_block` (methods with
+    block second moments) sets the block of the embedding and output layers, found from the model's
+    structure: default one ``v`` per token row (Adam-mini's), ``"elementwise"`` gives them Adam's ``v``.
     """
     spec = _method(method)
+    if embedding_block is not None and not spec.blocked:
+        raise UsageError(f"embedding_block={embedding_block!r} only applies to methods with block second moments "
+                         f"({', '.join(m for m in registry.OPTIMIZER_METHODS if registry.get(m).blocked)}); "
+                         f"method={method!r} has none")
     unknown = sorted(set(projection_options) - set(PROJECTION_DEFAULTS))
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(map(repr, unknown))}; "
@@ -661,6 +668,8 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
         param_rank = rule_options.pop("rank", rank)
         if spec.blocked:
             options["block"] = info.block
+            if embedding_block is not None and info.role in ("embedding", "output"):
+                options["block"] = embedding_block
         if spec.projected and project and param_rank is not None:
             if info.param.dim() != 2:
                 raise UsageError(f"overrides: {info.name} has shape {list(info.shape)}; only 2-D weights can be "
@@ -736,7 +745,8 @@ def _constructor_options(cls: type) -> set[str]:
 def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | None = None, rank: int = DEFAULT_RANK,
                      update_proj_gap: int = 200, scale: float = 0.25, weight_decay: float = 0.0,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float | None = None, overrides=None,
-                     proj_type: str = "std", target_modules=None, **options) -> torch.optim.Optimizer:
+                     proj_type: str = "std", target_modules=None, embedding_block: str | None = None,
+                     **options) -> torch.optim.Optimizer:
     """Param groups and optimizer in one call; what other trainers plug in.
 
     ``method`` is a name of :data:`galore_mini.methods.OPTIMIZER_METHODS` (``full`` is torch's AdamW).
@@ -744,8 +754,8 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
     (the ablations' ``approach``, 8-bit moments). `rank`, `update_proj_gap`, `scale`, `proj_type`
     and `target_modules` concern projected methods (the others ignore the first four, so one
     call serves every method); other keyword options are projection options (``proj_method``,
-    ``adaptive_gap`` …) or the optimizer's own (``nonfinite``, ``state_dtype``, ``foreach`` …).
-    Logs one INFO line (logger ``"galore_mini"``) with what was projected.
+    ``adaptive_gap`` …) or the optimizer's own (``nonfinite``, ``state_dtype``, ``foreach`` …);
+    `embedding_block` as in :func:`param_groups`. Logs one INFO line (logger ``"galore_mini"``) with what was projected.
 
     Example::
 
@@ -768,7 +778,7 @@ def create_optimizer(model: nn.Module, method: str = "galore_mini", lr: float | 
                          f"({cls.__name__}); its options are {', '.join(sorted(known))}"
                          + (f"; projection options are {', '.join(PROJECTION_DEFAULTS)}" if spec.projected else ""))
     groups = param_groups(model, method, rank=rank if spec.projected else None,
-                          target_modules=target_modules, overrides=overrides)
+                          target_modules=target_modules, overrides=overrides, embedding_block=embedding_block)
     kwargs: dict[str, Any] = {**spec.options, **options}
     kwargs["lr"] = spec.default_lr if lr is None else lr
     kwargs["weight_decay"] = weight_decay

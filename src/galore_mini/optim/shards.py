@@ -162,7 +162,8 @@ def unsupported_reason(optimizer, group: dict) -> str | None:
     (GaLoreAdafactor refuses DTensor parameters of more than 2 dimensions itself, by shape.)"""
     if getattr(optimizer, "distributed_unsupported", None):
         return optimizer.distributed_unsupported
-    return None
+    group_problem = getattr(optimizer, "sharding_problem", None)  # an option of the group's that has no sharded step
+    return group_problem(group) if group_problem is not None else None
 
 
 def shard_rows(rows_total: int, world: int, rank: int) -> tuple[int, int]:
