@@ -1,4 +1,4 @@
-"""Per-matrix against batched projector refresh on the CPU (the choice behind ``core.BATCH_REFRESH_ON_CPU``).
+"""Per-matrix against batched projector refresh on the CPU (the choice behind ``refresh.BATCH_REFRESH_ON_CPU``).
 
 For a stack of same-shaped gradients, one ``compute_projector`` call per matrix against one batched
 call (left side, warm-started from an exact basis where the method uses one), alternated, median of

@@ -139,7 +139,7 @@ FSDP_SCALING_READING = (
     "`docs/distributed.md`.")
 
 BATCHING_READING = (
-    "Why `core.BATCH_REFRESH_ON_CPU` is off: the exact SVD gains nothing from batching on the CPU; the power "
+    "Why `refresh.BATCH_REFRESH_ON_CPU` is off: the exact SVD gains nothing from batching on the CPU; the power "
     "iteration may (read the speed-up column; not changed on one loaded run). On a GPU one process batches "
     "same-shaped refreshes into one batched matmul.")
 
