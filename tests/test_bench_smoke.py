@@ -130,8 +130,8 @@ def test_fsdp_world1_smoke_runs_on_cpu(tmp_path):
 
 
 def test_scale_check_and_quality_parallel_smoke_on_cpu(tmp_path):
-    """The GPU scale check's harness runs (every run, the variants' options included) and the parallel
-    study runner merges its runs into one file; on `tiny` and the study's 2-layer smoke model."""
+    """The GPU scale check's harness runs (the variants' options through `pretrain --optimizer-options`)
+    and the parallel study runner merges its runs into one file; on `tiny` and the study's smoke model."""
     import os
     import subprocess
 
@@ -140,9 +140,10 @@ def test_scale_check_and_quality_parallel_smoke_on_cpu(tmp_path):
     scale = tmp_path / "scale.json"
     subprocess.run([sys.executable, str(BENCH / "scale_check.py"), "--model", "tiny", "--steps", "2", "--batch-size",
                     "2", "--seq-len", "16", "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "runs"),
-                    "--json", str(scale)], check=True, env=env, capture_output=True, timeout=600)
+                    "--json", str(scale), "--runs", "galore_mini", "galore_mini_vproj", "galore_mini_io"],
+                   check=True, env=env, capture_output=True, timeout=600)
     rows = {row["run"]: row for row in json.loads(scale.read_text())["results"]}
-    assert set(rows) == {"full", "galore", "galore_mini", "galore_mini_vproj", "galore_mini_io"}
+    assert set(rows) == {"galore_mini", "galore_mini_vproj", "galore_mini_io"}
     for row in rows.values():
         assert "error" not in row, row
         _positive({**row, "label": row["run"]}, "val_ppl", "optimizer_bytes")

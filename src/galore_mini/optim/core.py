@@ -543,10 +543,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise UsageError("not an optimizer checkpoint: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
-        if isinstance(saved_groups, list) and self.added_options:  # checkpoints older than an option mean its default
-            saved_groups = [{**self.added_options, **g} if isinstance(g, dict) else g for g in saved_groups]
-            state_dict = {**state_dict, "param_groups": saved_groups}
         self._check_structure(saved_groups)
+        if self.added_options:  # a checkpoint older than an option means its default
+            saved_groups = [{**self.added_options, **g} for g in saved_groups]
+            state_dict = {**state_dict, "param_groups": saved_groups}
         saved_ids = [i for g in saved_groups for i in g["params"]]
         # each parameter with the group it will have once loaded: torch adopts the saved options
         by_id = {i: (p, {**saved, "params": current["params"]})
@@ -604,7 +604,7 @@ class ComposedOptimizer(torch.optim.Optimizer):
         ours = _option_keys(self.defaults.keys())
         for index, saved in enumerate(saved_groups):
             theirs = _option_keys(saved.keys())
-            if ours != theirs:
+            if not (theirs <= ours and ours - theirs <= self.added_options.keys()):
                 other = _class_with_options(theirs, type(self))
                 raise UsageError(
                     f"optimizer checkpoint was saved by {other}, not {name} (param group {index} has options "
