@@ -10,7 +10,8 @@ prints the markdown table that RESULTS.md carries.
     PYTHONPATH=src python bench/scale_check.py --steps 1000            # about ten minutes on one H200
     PYTHONPATH=src python bench/scale_check.py --render
 
-Each method runs at its registry default learning rate unless ``--lr METHOD=LR`` says otherwise;
+Each method runs at its registry default learning rate unless ``--lr METHOD=LR`` says otherwise; other
+flags (``--vocab-size``, ``--cache-dir`` …) go to ``galore-mini pretrain`` unchanged;
 ``galore_mini_vproj`` is GaLore-mini with ``v_source="projected"``, ``galore_mini_io`` GaLore-mini with
 element-wise ``v`` on the embedding and output layers (``embedding_block="elementwise"``).
 """
@@ -39,7 +40,7 @@ RUNS = {
 }
 
 
-def train(name: str, args, out: Path) -> dict:
+def train(name: str, args, out: Path, extra: list[str]) -> dict:
     method, options = RUNS[name]
     folder = out / name
     cmd = [sys.executable, "-m", "galore_mini", "pretrain", "--method", method, "--model", args.model,
@@ -55,6 +56,7 @@ def train(name: str, args, out: Path) -> dict:
     lr = dict(item.split("=") for item in args.lr).get(name)
     if lr:
         cmd += ["--lr", lr]
+    cmd += extra
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -95,16 +97,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/scale_check", help="run folders")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
     parser.add_argument("--render", action="store_true", help="print the table from --json and exit")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # the rest goes to `galore-mini pretrain` as it is
     path = Path(args.json)
     if args.render:
         print(render(json.loads(path.read_text())))
         return
     results = dict(kind="scale_check", machine=C.machine(), versions=C.versions(),
                    config=dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                               bf16=args.bf16, seed=args.seed, data=args.data, device=args.device), results=[])
+                               bf16=args.bf16, seed=args.seed, data=args.data, device=args.device,
+                               pretrain_flags=extra), results=[])
     for name in args.runs:
-        row = train(name, args, Path(args.out))
+        row = train(name, args, Path(args.out), extra)
         print(json.dumps({k: row.get(k) for k in ("run", "val_ppl", "wall_s", "error")}), flush=True)
         results["results"].append(row)
         path.parent.mkdir(parents=True, exist_ok=True)

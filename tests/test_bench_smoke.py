@@ -131,17 +131,22 @@ def test_fsdp_world1_smoke_runs_on_cpu(tmp_path):
 
 def test_scale_check_and_quality_parallel_smoke_on_cpu(tmp_path):
     """The GPU scale check's harness runs (the variants' options through `pretrain --optimizer-options`)
-    and the parallel study runner merges its runs into one file; on `tiny` and the study's smoke model."""
+    and the parallel study runner merges its runs into one file; on a small corpus and model."""
     import os
     import subprocess
 
+    from pretrain_fixtures import write_corpus, write_model
+
     pytest.importorskip("transformers")
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src"), "OMP_NUM_THREADS": "1"}
+    corpus, model = write_corpus(tmp_path / "corpus"), write_model(tmp_path / "model.json")
     scale = tmp_path / "scale.json"
-    subprocess.run([sys.executable, str(BENCH / "scale_check.py"), "--model", "tiny", "--steps", "2", "--batch-size",
-                    "2", "--seq-len", "16", "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "runs"),
-                    "--json", str(scale), "--runs", "galore_mini", "galore_mini_vproj", "galore_mini_io"],
-                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, str(BENCH / "scale_check.py"), "--model", str(model), "--data", str(corpus),
+                    "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--no-bf16",
+                    "--out", str(tmp_path / "runs"), "--json", str(scale),
+                    "--runs", "galore_mini", "galore_mini_vproj", "galore_mini_io",
+                    "--vocab-size", "300", "--val-tokens", "256", "--val-fraction", "0.2", "--rank", "4",
+                    "--cache-dir", str(tmp_path / "cache")], check=True, env=env, capture_output=True, timeout=600)
     rows = {row["run"]: row for row in json.loads(scale.read_text())["results"]}
     assert set(rows) == {"galore_mini", "galore_mini_vproj", "galore_mini_io"}
     for row in rows.values():
@@ -152,7 +157,8 @@ def test_scale_check_and_quality_parallel_smoke_on_cpu(tmp_path):
     assert rows["galore_mini_vproj"]["optimizer_bytes"] == rows["galore_mini"]["optimizer_bytes"]
     merged = tmp_path / "parallel.json"
     subprocess.run([sys.executable, str(BENCH / "quality_parallel.py"), "--jobs", "2", "--json", str(merged),
-                    "--runs", "galore_mini:1e-2:0", "galore_mini_vproj:1e-2:0", "--", "--smoke"],
+                    "--runs", "galore_mini:1e-2:0", "galore_mini_vproj:1e-2:0", "--", "--smoke",
+                    "--data", str(corpus), "--cache-dir", str(tmp_path / "cache")],
                    check=True, env=env, capture_output=True, timeout=600)
     runs = json.loads(merged.read_text())["runs"]
     assert sorted(r["variant"] for r in runs) == ["galore_mini", "galore_mini_vproj"]
