@@ -109,6 +109,9 @@ def run_compare(args: argparse.Namespace) -> int:
     results, wall = compare(configs, args.out, sys.argv)
     print(format_table(results))
     print(f"\n{len(methods)} methods in {wall / 60:.1f} min; results in {args.out}/results.md, loss.png, memory.png")
+    if all(row.get("diverged") for row in results):  # a comparison in which nothing trained is no success
+        print(f"galore-mini: error: every method diverged ({', '.join(methods)}); lower --lr", file=sys.stderr)
+        return 2
     return 0
 
 

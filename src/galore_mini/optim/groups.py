@@ -590,8 +590,9 @@ def _method(method: str):
     spec = registry.get(method)
     if spec.kind != "optimizer":
         raise UsageError(f"method={method!r} is an adapter method (it changes the model, not the optimizer); "
-                         f"use one of {', '.join(registry.OPTIMIZER_METHODS)}, or galore_mini.train.baselines "
-                         "for the adapters")
+                         f"use one of {', '.join(registry.OPTIMIZER_METHODS)}; an adapter method's model and "
+                         f"optimizer come from its registry entry (galore_mini.methods.get({method!r}).build_model "
+                         "and .build_optimizer)")
     return spec
 
 
@@ -648,6 +649,7 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
     reading = read(model, target_modules)
     too_small: list[ParamInfo] = []
     switched_off = False
+    embedding_blocks = 0
     for info in reading.infos:
         options: dict[str, Any] = {}
         if not info.decay:
@@ -669,7 +671,9 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
         if spec.blocked:
             options["block"] = info.block
             if embedding_block is not None and info.role in ("embedding", "output"):
+                parse_block(embedding_block, info.shape, name="embedding_block")  # a clear error for a bad spec
                 options["block"] = embedding_block
+                embedding_blocks += 1
         if spec.projected and project and param_rank is not None:
             if info.param.dim() != 2:
                 raise UsageError(f"overrides: {info.name} has shape {list(info.shape)}; only 2-D weights can be "
@@ -680,6 +684,9 @@ def param_groups(model: nn.Module, method: str = "galore_mini", rank: int | None
                 options.update(rank=param_rank, **projection)
         options.update(rule_options)
         info.options = options
+    if embedding_block is not None and not embedding_blocks:
+        raise UsageError(f"embedding_block={embedding_block!r}: the model has no embedding or output layer (as read "
+                         "from its structure) for it to apply to; check with print(gm.param_groups(model))")
     for (pattern, opts), hit, reached in zip(rules, used, ranked):
         if not hit:
             raise UsageError(f"overrides: the rule {pattern.pattern!r} matches no parameter of the model; "

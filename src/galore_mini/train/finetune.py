@@ -473,13 +473,14 @@ def train_run(setup: Setup, method: str, seed: int, folder: Path, *,
     if check_run_folder(folder, settings):
         return json.loads(result_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.tmp-*"):
-        stale.unlink()
-    _atomic_json(settings_path, settings)
     checkpoints = RunFolder(folder, keys=FINETUNE_CHECKPOINT_KEYS, flag="--out",
                             restart=f"delete {folder} to retrain that run")
     checkpoints.acquire(setup.log)
     try:
+        # only once the lock is ours: before it, another process may still be writing these
+        for stale in folder.glob("*.tmp-*"):
+            stale.unlink()
+        _atomic_json(settings_path, settings)
         return _train_run(setup, method, seed, settings, checkpoints, on_epoch)
     finally:
         checkpoints.release()

@@ -73,7 +73,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,7 +95,7 @@ from galore_mini.train.distributed import (  # noqa: F401  (names re-exported fo
     Dist, gather_rng, leave_distributed, on_main, set_rng_state, setup_distributed)
 from galore_mini.train.evaluate import EvalResult, evaluate, perplexity
 from galore_mini.train.runs import (  # noqa: F401  (names re-exported for callers of loop)
-    CHECKPOINT, CHECKPOINT_FORMAT, DCP_META, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save)
+    CHECKPOINT, CHECKPOINT_FORMAT, DCP_META, FINAL, METRICS, PREVIOUS, RunFolder, atomic_save, atomic_write)
 from galore_mini.train.steps import (  # noqa: F401  (names re-exported for callers of loop)
     Skips, TrainingDiverged, cosine_factor, count_parameters, optimizer_step)
 
@@ -125,10 +124,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")))
 
 
 # -- building the pieces ------------------------------------------------------------------------------------

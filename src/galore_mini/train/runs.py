@@ -105,6 +105,19 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     killed process leaves a ``*.tmp-*`` file, which resume deletes; a failing `write` removes it at
     once). The file gets the mode an ordinary ``open()`` would give it (mkstemp's is 0600).
     """
+    tmp = written_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def written_temporary(path: Path, write: Callable[[BinaryIO], None]) -> str:
+    """A temporary file beside `path` (``path.name + ".tmp-*"``) that `write` filled, fsynced, with the mode
+    an ordinary ``open()`` would give it (mkstemp's is 0600); removed again if `write` fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     try:
         umask = os.umask(0)
@@ -114,12 +127,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    return tmp
 
 
 class _Hashing:
@@ -428,11 +440,7 @@ class RunFolder:
 
     def save(self, state: dict[str, Any]) -> None:
         """Write `state` as the newest checkpoint; the one it replaces becomes ``checkpoint.prev.pt``."""
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=CHECKPOINT + ".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            save_with_digest(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = written_temporary(self.checkpoint, lambda f: save_with_digest(state, f))
         if self.checkpoint.exists():
             link = self.path / f"{PREVIOUS}.tmp-{os.getpid()}"
             link.unlink(missing_ok=True)
