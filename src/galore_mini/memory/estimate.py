@@ -507,8 +507,9 @@ def _check_fsdp(method: str, entry, layerwise: bool) -> None:
     """What the FSDP2 estimate cannot count: refuse it, naming the method and what to do."""
     if entry.kind == "adapter":
         raise UsageError(f"world_size > 1 with method={method!r}: the adapter baselines "
-                         f"({', '.join(methods.ADAPTER_METHODS)}) are not run under FSDP2 here, so there is no "
-                         "per-rank figure to give; estimate them with world_size=1, or pick an optimizer method")
+                         f"({', '.join(methods.ADAPTER_METHODS)}) have no per-rank FSDP2 estimate (the estimator "
+                         "does not shard their adapters); estimate them with world_size=1, or pick an optimizer "
+                         "method")
     if layerwise:
         raise UsageError("world_size > 1 with layerwise=True: under FSDP2 the gradients held at once depend on "
                          "FSDP2's unsharded gradient buffers before each reduce-scatter, which the estimator does "

@@ -569,7 +569,7 @@ def make_config(file_values: dict[str, Any] | None = None, **flags: Any) -> Trai
 #: the methods with a fine-tuning recipe (those the registry gives a `finetune_lr`) and the default subset
 FINETUNE_METHODS = registry.FINETUNE_METHODS
 FINETUNE_DEFAULT_METHODS = registry.FINETUNE_DEFAULT_METHODS
-DEFAULT_GAP = 500
+DEFAULT_GAP = registry.FINETUNE_GAP
 
 
 @settings
