@@ -43,7 +43,7 @@ from galore_mini.errors import UsageError, check_number
 from galore_mini.optim import quant
 from galore_mini.optim.blocks import BlockLayout, default_block, parse_block
 from galore_mini.optim.dtypes import dtype_name, resolve_dtype
-from galore_mini.optim.primitives import Update, apply_update, bias_corrections, ema_, ema_sq_
+from galore_mini.optim.primitives import Update, apply_update, bias_corrections, ema_
 from galore_mini.optim.projection import (
     LowRankProduct,
     back_factors,
@@ -158,13 +158,6 @@ class ParamStep:
         self.write(key, m, signed=True)
         return m
 
-    def ema_sq(self, key: str, x: torch.Tensor, beta: float) -> torch.Tensor:
-        """Elementwise ``v ← β v + (1-β) x²``; returns ``v``."""
-        v = self.read(key, x.shape, signed=False)
-        ema_sq_(v, x, beta)
-        self.write(key, v, signed=False)
-        return v
-
     def block_ema_sq(self, key: str, x: torch.Tensor, beta: float, layout: BlockLayout) -> torch.Tensor:
         """Per-block ``v_b ← β v_b + (1-β) mean_{i∈b} x_i²``; returns `v`, shape ``(n_blocks,)``."""
         v = self.read(key, (layout.n_blocks,), signed=False)
@@ -257,6 +250,10 @@ class ComposedOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
         self.validate_group(group)
+
+    def sharding_problem(self, group: dict[str, Any]) -> str | None:
+        """Why `group` has no sharded (FSDP2) step, or None (an algorithm with such an option says so)."""
+        return None
 
     def validate_group(self, group: dict[str, Any]) -> None:
         """Refuse a param group's bad options (one-line :class:`UsageError` naming the option and the fix)."""

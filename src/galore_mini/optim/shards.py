@@ -160,10 +160,8 @@ def unsupported_reason(optimizer, group: dict) -> str | None:
     """Why `group` cannot take DTensor parameters (None when it can); read from the optimizer and the
     group's options only, so the memory estimator asks the same question without a process group.
     (GaLoreAdafactor refuses DTensor parameters of more than 2 dimensions itself, by shape.)"""
-    if getattr(optimizer, "distributed_unsupported", None):
-        return optimizer.distributed_unsupported
-    group_problem = getattr(optimizer, "sharding_problem", None)  # an option of the group's that has no sharded step
-    return group_problem(group) if group_problem is not None else None
+    problem = getattr(optimizer, "sharding_problem", None)  # torch's own optimizers have none
+    return problem(group) if problem is not None else None
 
 
 def shard_rows(rows_total: int, world: int, rank: int) -> tuple[int, int]:
